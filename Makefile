@@ -1,0 +1,67 @@
+# cnnserve: the two commands a new user needs are `make serve` and `make test`.
+# Everything they need is set up here, on a fresh machine, by `make setup`.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODELS ?= models
+FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test test-fast models quick-models lint format protos clean
+
+setup: $(STAMP)
+
+# The venv is rebuilt when the project's dependencies change.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "make setup: $(PYTHON) not found"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch exactly 2.13.0: a looser spec pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[export,test]"
+	@$(MAKE) --no-print-directory dataset
+	@touch $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt is usable; otherwise the loader downloads it
+# from the official URLs (with MD5 checks) on first use.
+.PHONY: dataset
+dataset:
+	@if [ -f $(FMNIST_SYSTEM_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST: $(FMNIST_SYSTEM_DIR)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) && \
+		echo "Fashion-MNIST: installed Debian package dataset-fashion-mnist"; \
+	else \
+		echo "Fashion-MNIST: no Debian package here; it will be downloaded on first use"; \
+	fi
+
+# The quick set (logreg, mlp, lenet5, kirsch) is trained and exported on first run only.
+quick-models: setup
+	$(BIN)/cnnserve-export all --quick --skip-existing --model-repository $(MODELS)
+
+serve: quick-models
+	$(BIN)/cnnserve serve --model-repository $(MODELS)
+
+# The whole family; resumes where it stopped (finished models are skipped, the one in
+# training restarts from its last epoch checkpoint).
+models: setup
+	$(BIN)/cnnserve-export all --skip-existing --model-repository $(MODELS)
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check export service tests bench
+	$(BIN)/ruff format --check export service tests bench
+
+format: setup
+	$(BIN)/ruff format export service tests bench
+	$(BIN)/ruff check --fix export service tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,203 @@
+"""`cnnserve-export`: train the family, convert to ONNX, and list the model repository.
+
+    cnnserve-export train --model lenet5 [--epochs N] [--max-steps N] [--option k=v ...]
+    cnnserve-export all [--quick] [--skip-existing]
+    cnnserve-export list
+    cnnserve-export models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from export import repository
+from export.data import DatasetNotFoundError, load_fashion_mnist
+from export.pipeline import QUICK_SET, ExportRequest, ExportResult, export_model
+from export.registry import get_entry, list_models
+
+DEFAULT_REPOSITORY = "models"
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """`key=value`, with the value read as JSON when it parses (numbers, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--option wants key=value; got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path(os.environ.get("CNNSERVE_MODEL_REPOSITORY", DEFAULT_REPOSITORY)),
+        help="repository folder to write into (default: %(default)s, or $CNNSERVE_MODEL_REPOSITORY)",
+    )
+
+
+def _training(parser: argparse.ArgumentParser) -> None:
+    _common(parser)
+    parser.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    parser.add_argument("--lr", type=float, help="override the recipe's peak learning rate")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    parser.add_argument("--train-limit", type=int, help="train on the first N training images")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: all cores)"
+    )
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnserve-export", description="Train the cnnserve model family and export it to ONNX."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one model and add it to the repository")
+    train.add_argument("--model", required=True, choices=list_models(), help="family member")
+    train.add_argument("--name", help="repository name (default: the model name)")
+    train.add_argument(
+        "--option",
+        type=_parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor option, e.g. width=32 or padding=wrap (repeatable)",
+    )
+    _training(train)
+
+    every = commands.add_parser("all", help="train and export the whole family (or the quick set)")
+    every.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SET)}")
+    every.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="skip models that already have a version (so an interrupted run resumes)",
+    )
+    _training(every)
+
+    listing = commands.add_parser("list", help="print the model repository as a table")
+    _common(listing)
+    commands.add_parser("models", help="print the family members and their default recipes")
+    return parser
+
+
+def _request(args: argparse.Namespace, model: str, name: str | None = None, **options: Any) -> ExportRequest:
+    return ExportRequest(
+        model=model,
+        name=name,
+        options=options,
+        recipe={"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        seed=args.seed,
+        max_steps=args.max_steps,
+        train_limit=args.train_limit,
+        device=args.device,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
+
+
+def _report(result: ExportResult, seconds: float) -> None:
+    accuracy = result.config["accuracy"]["onnxruntime"]
+    shown = f"test accuracy {accuracy:.4f}" if accuracy is not None else "feature extractor"
+    print(f"wrote {result.path} ({shown}, {seconds:.0f} s)", flush=True)
+
+
+def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    try:
+        data = load_fashion_mnist(args.data_dir)
+    except DatasetNotFoundError as error:
+        print(f"cnnserve-export: {error}", file=sys.stderr)
+        return 2
+    failed: list[str] = []
+    for request in requests:
+        name = request.name or request.model
+        if getattr(args, "skip_existing", False) and repository.versions(args.model_repository, name):
+            print(f"skip {name}: already in {args.model_repository}", flush=True)
+            continue
+        started = time.perf_counter()
+        try:
+            _report(export_model(request, data, args.model_repository), time.perf_counter() - started)
+        except Exception as error:  # one model's failure must not stop the rest of the family
+            print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
+            failed.append(name)
+    if failed:
+        print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def list_repository(root: Path) -> str:
+    """The repository as a table: one row per model, its versions and its latest version's figures."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for config in repository.read_configs(root):
+        by_name.setdefault(config["name"], []).append(config)
+    rows = []
+    for name, configs in by_name.items():
+        latest = configs[-1]
+        accuracy = latest["accuracy"]["onnxruntime"]
+        rows.append(
+            [
+                name,
+                ",".join(str(c["version"]) for c in configs),
+                latest["kind"],
+                f"{latest['params']:,}",
+                f"{latest['mflops']:.2f}",
+                "-" if accuracy is None else f"{accuracy:.4f}",
+                f"{latest['file']['bytes'] / 1e6:.2f} MB",
+            ]
+        )
+    if not rows:
+        return f"no models in {root}"
+    header = ["name", "versions", "kind", "params", "MFLOPs", "accuracy", "size"]
+    return _format_table(rows, header)
+
+
+def _list_family() -> str:
+    rows = []
+    for name in list_models():
+        recipe = get_entry(name).recipe
+        rows.append([name, str(recipe.epochs), recipe.optimizer, recipe.schedule, get_entry(name).summary])
+    return _format_table(rows, ["model", "epochs", "optimizer", "schedule", "summary"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        print(list_repository(args.model_repository))
+        return 0
+    if args.command == "models":
+        print(_list_family())
+        return 0
+    if args.command == "train":
+        requests = [_request(args, args.model, args.name, **dict(args.option))]
+    else:
+        names = QUICK_SET if args.quick else list_models()
+        requests = [_request(args, name) for name in names]
+    return _run_training(args, requests)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
