@@ -1,0 +1,217 @@
+"""Dynamic batching: concurrent requests for one model version merged into one session.run.
+
+The contract, one batcher per loaded model version:
+- `submit()` never blocks: a full queue raises `Overloaded` at once (RESOURCE_EXHAUSTED).
+- One collector task takes the oldest request, then gathers more until `max_batch_size` images
+  or until `max_queue_delay` has passed since that oldest request arrived. Requests that
+  arrive while a batch runs simply wait for the next one, so under load batches fill by
+  themselves and at low load a lone request goes straight through.
+- A request is never split across batches; one larger than `max_batch_size` runs on its own.
+- Requests whose deadline has passed or whose caller has gone are dropped before they cost
+  inference.
+- The batch runs in a thread pool (ONNX Runtime releases the GIL); only the union of the
+  outputs its requests asked for is fetched. Outputs are split back by each request's size,
+  and the sizes must add up. A failing batch fails its own requests, and only those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import metrics
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.001
+    max_queue_images: int = 4096  # images waiting, across requests, before RESOURCE_EXHAUSTED
+
+
+@dataclass(eq=False)
+class _Pending:
+    images: np.ndarray
+    outputs: tuple[str, ...]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    deadline: float | None  # loop.time() by which the caller needs the answer
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Queue and collector for one model version."""
+
+    def __init__(
+        self,
+        model: str,
+        version: str,
+        run: RunFn,
+        policy: BatchPolicy,
+        executor: Executor,
+    ) -> None:
+        self.model, self.version = model, version
+        self.policy = policy
+        self._run = run
+        self._executor = executor
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._busy = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._collect(), name=f"batcher {self.model}/{self.version}"
+        )
+
+    def submit(
+        self, images: np.ndarray, outputs: Sequence[str], deadline: float | None = None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        """Queue `images` (N x 1 x 28 x 28 float32); the future resolves to the asked outputs."""
+        if self._closed:
+            raise Unavailable(f"model {self.model} version {self.version} is shutting down")
+        n = len(images)
+        if self._queued_images + n > self.policy.max_queue_images:
+            raise Overloaded(
+                f"model {self.model} queue is full ({self._queued_images} images waiting, "
+                f"limit {self.policy.max_queue_images}); retry with backoff"
+            )
+        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(images, tuple(outputs), future, deadline))
+        self._queued_images += n
+        metrics.set_queue_depth(self.model, self.version, self._queued_images)
+        self._wakeup.set()
+        return future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every accepted one, then stop the collector."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    def _pop(self) -> _Pending:
+        item = self._queue.popleft()
+        self._queued_images -= len(item.images)
+        return item
+
+    def _drop_dead(self, now: float) -> None:
+        """Remove cancelled and expired requests from the front of the queue."""
+        kept: collections.deque[_Pending] = collections.deque()
+        while self._queue:
+            item = self._pop()
+            if item.future.done():  # the caller cancelled
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(
+                    DeadlineExceeded("deadline passed while the request waited in the queue")
+                )
+                continue
+            kept.append(item)
+            self._queued_images += len(item.images)
+        self._queue = kept
+
+    async def _gather(self) -> list[_Pending]:
+        """Up to max_batch_size images, waiting at most max_queue_delay for the batch to fill."""
+        limit = self.policy.max_batch_size
+        batch = [self._pop()]
+        size = len(batch[0].images)
+        wait_until = batch[0].enqueued + self.policy.max_queue_delay_s
+        while size < limit:
+            if self._queue:
+                if size + len(self._queue[0].images) > limit:
+                    break
+                item = self._pop()
+                if item.future.done():
+                    continue
+                batch.append(item)
+                size += len(item.images)
+                continue
+            remaining = wait_until - time.perf_counter()
+            if remaining <= 0 or self._closed:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        return batch
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_dead(loop.time())
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = await self._gather()
+            batch = [p for p in batch if not p.future.done()]
+            metrics.set_queue_depth(self.model, self.version, self._queued_images)
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
+        try:
+            results = await loop.run_in_executor(self._executor, self._run, images, wanted)
+            parts = _split(results, [len(p.images) for p in batch])
+        except ServiceError as error:
+            self._fail(batch, error)
+            return
+        except Exception as error:  # noqa: BLE001 - any failure fails this batch only
+            log.exception("batch of %d images for %s failed", len(images), self.model)
+            self._fail(batch, InferenceFailed(f"inference failed: {type(error).__name__}"))
+            return
+        inference_seconds = time.perf_counter() - started
+        metrics.observe_batch(
+            self.model,
+            self.version,
+            len(images),
+            [started - p.enqueued for p in batch],
+            inference_seconds,
+        )
+        for pending, part in zip(batch, parts, strict=True):
+            if not pending.future.done():
+                pending.future.set_result({name: part[name] for name in pending.outputs})
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: ServiceError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+
+def _split(results: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """Cut every output along the batch axis by request size; the sizes must add up."""
+    total = sum(sizes)
+    for name, value in results.items():
+        if len(value) != total:
+            raise InferenceFailed(f"output {name} has {len(value)} rows for a batch of {total} images")
+    bounds = np.cumsum([0, *sizes])
+    return [
+        {name: value[start:end] for name, value in results.items()}
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+    ]

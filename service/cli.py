@@ -1,0 +1,112 @@
+"""`cnnserve`: run the service (`serve`) and talk to a running one (`classify`, `models`).
+
+Never imports torch or `export`: this is the whole serving install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from service import config
+
+DEFAULT_SERVER = "127.0.0.1:8001"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler()
+    if as_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnserve", description="Serve the Fashion-MNIST CNN family over gRPC, and call it."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Serve the model repository over gRPC (our API, KServe v2, health, reflection) "
+        "with Prometheus metrics on their own port. Settings: flag > environment > config file.",
+    )
+    config.add_arguments(serve)
+
+    classify = commands.add_parser("classify", help="classify image files with a running service")
+    classify.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, WebP, BMP or GIF files")
+    classify.add_argument("--model", required=True, help="model name, e.g. lenet5")
+    classify.add_argument("--version", default="", help="model version (default: newest)")
+    classify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
+    classify.add_argument("--top-k", type=int, default=5, help="classes to show (default: 5)")
+    classify.add_argument(
+        "--invert", choices=["auto", "yes", "no"], default="auto", help="colour inversion"
+    )
+    classify.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+
+    models = commands.add_parser("models", help="list the models a running service serves")
+    models.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
+    models.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = config.from_args(args)
+    except (ValueError, OSError) as error:
+        print(f"cnnserve serve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    from service.server import serve
+
+    try:
+        asyncio.run(serve(settings))
+    except (FileNotFoundError, OSError) as error:
+        logging.getLogger("cnnserve").error("%s", error)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    from service import client
+
+    try:
+        if args.command == "classify":
+            return client.classify_files(args)
+        return client.list_models(args)
+    except grpc.RpcError as error:
+        print(f"cnnserve {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

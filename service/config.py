@@ -1,0 +1,163 @@
+"""Settings for `cnnserve serve`: defaults < config file < environment (CNNSERVE_*) < flags.
+
+Flag names follow Triton's where Triton has the same knob (`--model-repository`, `--grpc-port`,
+`--metrics-port`), so operators feel at home. Every setting has one flag, one environment
+variable (the flag's name upper-cased with CNNSERVE_ in front) and one key in the optional
+JSON or TOML config file (the flag's name with underscores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CNNSERVE_"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `cnnserve serve` can be told; each field is one flag."""
+
+    model_repository: Path = Path("models")
+    models: tuple[str, ...] = ()  # empty: every model in the repository
+    grpc_address: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = 8002  # 0 disables the metrics endpoint; tests pick a free port with -1
+    device: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    executor_threads: int = 2
+    max_batch_size: int = 0  # 0: each model's own default from model.json
+    max_queue_delay_ms: float = -1.0  # negative: each model's own default
+    max_queue_images: int = 4096
+    max_images_per_request: int = 1024
+    max_pixels: int = 4096 * 4096
+    max_receive_message_mb: int = 256
+    max_send_message_mb: int = 256
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+    log_json: bool = False
+
+
+HELP: dict[str, str] = {
+    "model_repository": "model repository folder written by cnnserve-export",
+    "models": "comma-separated models to load (default: all in the repository)",
+    "grpc_address": "address the gRPC server binds",
+    "grpc_port": "gRPC port for both APIs, health and reflection",
+    "metrics_address": "address the Prometheus /metrics endpoint binds",
+    "metrics_port": "Prometheus /metrics port (0: no metrics endpoint)",
+    "device": "auto | cpu | cuda | cuda:N; auto takes CUDA when onnxruntime-gpu sees a GPU",
+    "intra_op_threads": "ONNX Runtime threads per session (0: one per core)",
+    "inter_op_threads": "ONNX Runtime inter-op threads per session",
+    "allow_spinning": "let ONNX Runtime threads spin while idle (faster on idle cores, "
+    "steals CPU from the gRPC threads on a small machine)",
+    "executor_threads": "threads that run batches (session.run releases the GIL)",
+    "max_batch_size": "largest batch per session.run (0: each model's default from model.json)",
+    "max_queue_delay_ms": "longest wait for a batch to fill (negative: each model's default)",
+    "max_queue_images": "images that may wait per model before calls fail with RESOURCE_EXHAUSTED",
+    "max_images_per_request": "images allowed in one request",
+    "max_pixels": "decoded pixels allowed per image (decompression-bomb guard)",
+    "max_receive_message_mb": "largest gRPC message the server accepts, in MiB",
+    "max_send_message_mb": "largest gRPC message the server sends, in MiB",
+    "grace_seconds": "on SIGTERM, how long accepted calls get to finish",
+    "log_level": "debug | info | warning | error",
+    "log_json": "log one JSON object per line",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Config-file and environment values (strings or JSON types) to the field's type."""
+    default = getattr(Settings, name)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name}: expected true or false, got {value!r}")
+    if isinstance(default, tuple):
+        items = value if isinstance(value, list) else str(value).split(",")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if isinstance(default, Path):
+        return Path(value)
+    return type(default)(value)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    unknown = set(data) - {f.name for f in fields(Settings)}
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    return {key: _convert(key, value) for key, value in data.items()}
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    values = {}
+    for f in fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in environ:
+            values[f.name] = _convert(f.name, environ[key])
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; defaults are shown by `cnnserve serve --help`."""
+    parser.add_argument("--config", type=Path, help="JSON or TOML file of settings (keys as below)")
+    for f in fields(Settings):
+        default = getattr(Settings, f.name)
+        env = ENV_PREFIX + f.name.upper()
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{HELP[f.name]} (default: {shown or 'none'}; env {env})"
+        if isinstance(default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), help=help_text)
+
+
+def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """Merge the layers; a bad value names its setting."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(_from_file(args.config))
+    values.update(_from_env(environ))
+    for f in fields(Settings):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = _convert(f.name, given)
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Refuse settings that cannot work, before anything starts."""
+    checks = [
+        (0 <= settings.grpc_port <= 65535, "grpc_port must be 0-65535"),
+        (-1 <= settings.metrics_port <= 65535, "metrics_port must be 0-65535"),
+        (settings.max_batch_size >= 0, "max_batch_size must be >= 0"),
+        (settings.max_queue_images > 0, "max_queue_images must be > 0"),
+        (settings.max_images_per_request > 0, "max_images_per_request must be > 0"),
+        (settings.executor_threads > 0, "executor_threads must be > 0"),
+        (settings.max_receive_message_mb > 0, "max_receive_message_mb must be > 0"),
+        (settings.max_send_message_mb > 0, "max_send_message_mb must be > 0"),
+        (settings.log_level in ("debug", "info", "warning", "error"), "log_level is not a level"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

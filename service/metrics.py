@@ -1,0 +1,301 @@
+"""Prometheus metrics for cnnserve, and the per-model statistics the KServe API reports.
+
+Every series is a module-level prometheus_client object in the default registry, labelled by
+model and version, with its unit in its name; the service calls the one-line helpers below and
+never touches prometheus_client itself. Triton's per-model counters keep Triton's exact names
+(prometheus_client would append `_total` to a Counter), so Triton dashboards work unchanged: they
+come from a collector over one locked table, which `statistics()` reads too, so the
+ModelStatistics RPC and the metrics can never disagree. `start_metrics_server` serves them on
+their own port. A leaf module: it imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any, NamedTuple, TypedDict
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# The text format Triton serves; Prometheus parses it whatever its Accept header prefers.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MODEL_STATES = ("loading", "ready", "failed", "unloaded")
+# 0.1 ms .. 10 s, about three buckets a decade.
+DURATION_BUCKETS = tuple(round(m * 10.0**e, 6) for e in range(-4, 1) for m in (1, 2.5, 5)) + (10.0,)
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(10))  # 1, 2, 4, ..., 512
+
+_MV = ("model", "version")
+_S = DURATION_BUCKETS
+
+# `*_created` gauges would double the series for a timestamp nothing here reads.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+REQUESTS = Counter(
+    "cnnserve_requests", "Requests answered, by gRPC status name.", [*_MV, "method", "code"]
+)
+REQUEST_DURATION = Histogram(
+    "cnnserve_request_duration_seconds",
+    "Server-side duration of a request, end to end.",
+    [*_MV, "method"],
+    buckets=_S,
+)
+QUEUE_DURATION = Histogram(
+    "cnnserve_queue_duration_seconds", "Time a request waits to be batched.", _MV, buckets=_S
+)
+INFERENCE_DURATION = Histogram(
+    "cnnserve_inference_duration_seconds", "One session run over a batch.", _MV, buckets=_S
+)
+BATCH_SIZE = Histogram(
+    "cnnserve_batch_size", "Images per executed batch.", _MV, buckets=BATCH_SIZE_BUCKETS
+)
+QUEUE_DEPTH = Gauge("cnnserve_queue_depth", "Images waiting in the batcher queue.", _MV)
+INFLIGHT = Gauge("cnnserve_inflight_requests", "Requests being served now.", _MV)
+IMAGES = Counter("cnnserve_images", "Images run through the model.", _MV)
+MODEL_LOAD_DURATION = Gauge(
+    "cnnserve_model_load_duration_seconds", "Time the last load of the model took.", _MV
+)
+MODEL_STATE = Gauge(
+    "cnnserve_model_state", "1 for the model's current state, 0 for the others.", [*_MV, "state"]
+)
+MODEL_INFO = Gauge(
+    "cnnserve_model_info", "Always 1: the execution provider in use.", [*_MV, "provider", "kind"]
+)
+
+TRITON_COUNTERS = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (does not include cached requests)",
+    "nv_inference_exec_count": "Number of model executions performed",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
+    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in "
+    "microseconds",
+}
+
+
+@dataclass
+class _Totals:
+    """Cumulative per-model numbers, in Triton's units, behind both nv_* and statistics()."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    failure_count: int = 0
+    failure_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+
+    def counters(self) -> dict[str, float]:
+        """Triton's semantics: duration counts successes only, compute is summed per request."""
+        return {
+            "nv_inference_request_success": self.success_count,
+            "nv_inference_request_failure": self.failure_count,
+            "nv_inference_count": self.inference_count,
+            "nv_inference_exec_count": self.execution_count,
+            "nv_inference_request_duration_us": self.success_ns / 1000,
+            "nv_inference_queue_duration_us": self.queue_ns / 1000,
+            "nv_inference_compute_infer_duration_us": self.compute_ns / 1000,
+        }
+
+
+_lock = threading.Lock()
+_totals: dict[tuple[str, str], _Totals] = {}
+_info_labels: dict[tuple[str, str], tuple[str, str]] = {}
+
+
+class _TritonCollector(Collector):
+    """Yields the nv_* families typed `unknown`: prometheus_client renames any counter."""
+
+    def collect(self) -> Iterable[Metric]:
+        with _lock:
+            rows = [(key, totals.counters()) for key, totals in sorted(_totals.items())]
+        for name, documentation in TRITON_COUNTERS.items():
+            family = Metric(name, documentation, "unknown")
+            for (model, version), counters in rows:
+                family.add_sample(name, {"model": model, "version": version}, counters[name])
+            yield family
+
+
+REGISTRY.register(_TritonCollector())
+
+
+def observe_request(model: str, version: str, method: str, code: str, seconds: float) -> None:
+    """One call at the end of each request feeds the request, duration and Triton series."""
+    REQUESTS.labels(model, version, method, code).inc()
+    REQUEST_DURATION.labels(model, version, method).observe(seconds)
+    with _lock:
+        totals = _totals.setdefault((model, version), _Totals())
+        if code == "OK":
+            totals.success_count += 1
+            totals.success_ns += round(seconds * 1e9)
+        else:
+            totals.failure_count += 1
+            totals.failure_ns += round(seconds * 1e9)
+
+
+def observe_batch(
+    model: str, version: str, images: int, queue_seconds: Sequence[float], inference_seconds: float
+) -> None:
+    """The batcher reports a batch that ran: its size, each request's wait and the run time."""
+    IMAGES.labels(model, version).inc(images)
+    BATCH_SIZE.labels(model, version).observe(images)
+    INFERENCE_DURATION.labels(model, version).observe(inference_seconds)
+    queue_histogram = QUEUE_DURATION.labels(model, version)
+    for waited in queue_seconds:
+        queue_histogram.observe(waited)
+    with _lock:
+        totals = _totals.setdefault((model, version), _Totals())
+        totals.inference_count += images
+        totals.execution_count += 1
+        totals.queue_count += len(queue_seconds)
+        totals.queue_ns += sum(round(waited * 1e9) for waited in queue_seconds)
+        # Like Triton, every request in the batch is charged the batch's compute time.
+        totals.compute_count += len(queue_seconds)
+        totals.compute_ns += len(queue_seconds) * round(inference_seconds * 1e9)
+        totals.last_inference_ms = int(time.time() * 1000)
+
+
+def set_queue_depth(model: str, version: str, images: int) -> None:
+    """The batcher reports its backlog whenever it changes, so saturation shows before errors."""
+    QUEUE_DEPTH.labels(model, version).set(images)
+
+
+@contextmanager
+def track_inflight(model: str, version: str) -> Iterator[None]:
+    """Counts a request as in flight for the duration of the block, however it ends."""
+    gauge = INFLIGHT.labels(model, version)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+def set_model_state(
+    model: str,
+    version: str,
+    state: str,
+    provider: str | None = None,
+    kind: str | None = None,
+    load_seconds: float | None = None,
+) -> None:
+    """The repository reports each lifecycle change; exactly one state gauge reads 1.
+
+    `provider` and `kind` describe the loaded session: pass them with "ready".
+    """
+    if state not in MODEL_STATES:
+        raise ValueError(f"unknown model state {state!r}; expected one of {MODEL_STATES}")
+    for each in MODEL_STATES:
+        MODEL_STATE.labels(model, version, each).set(1 if each == state else 0)
+    if load_seconds is not None:
+        MODEL_LOAD_DURATION.labels(model, version).set(load_seconds)
+    with _lock:
+        # A loaded model shows its Triton counters, at zero until it serves.
+        _totals.setdefault((model, version), _Totals())
+        if provider is not None or state == "unloaded":
+            # One info series per model: a reload onto another provider leaves no stale 1.
+            stale = _info_labels.pop((model, version), None)
+            if stale is not None:
+                MODEL_INFO.remove(model, version, *stale)
+        if provider is not None:
+            _info_labels[(model, version)] = (provider, kind or "")
+            MODEL_INFO.labels(model, version, provider, kind or "").set(1)
+
+
+class Duration(TypedDict):
+    """A count and cumulative nanoseconds, as KServe's StatisticDuration."""
+
+    count: int
+    ns: int
+
+
+class ModelStatistics(TypedDict):
+    """The fields of KServe's ModelStatistics that cnnserve measures."""
+
+    last_inference: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_infer: Duration
+
+
+def statistics(model: str, version: str) -> ModelStatistics:
+    """Cumulative statistics for the ModelStatistics RPC, read from the nv_* numbers themselves."""
+    with _lock:
+        t = _totals.get((model, version), _Totals())
+        return ModelStatistics(
+            last_inference=t.last_inference_ms,
+            inference_count=t.inference_count,
+            execution_count=t.execution_count,
+            success=Duration(count=t.success_count, ns=t.success_ns),
+            fail=Duration(count=t.failure_count, ns=t.failure_ns),
+            queue=Duration(count=t.queue_count, ns=t.queue_ns),
+            compute_infer=Duration(count=t.compute_count, ns=t.compute_ns),
+        )
+
+
+def exposition() -> bytes:
+    """The Prometheus text format, with the nv_* families typed `counter` exactly as Triton."""
+    text = _generate_latest(REGISTRY).decode()
+    for name in TRITON_COUNTERS:
+        text = text.replace(f"# TYPE {name} untyped\n", f"# TYPE {name} counter\n")
+    return text.encode()
+
+
+def _app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """Serves exposition() on every path: always the text format, whatever Accept asks for."""
+    start_response("200 OK", [("Content-Type", CONTENT_TYPE)])
+    return [exposition()]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Scrapes every second would drown the service log."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """A slow scraper must not hold up the next one."""
+
+    daemon_threads = True
+
+
+class MetricsServer(NamedTuple):
+    """The running metrics endpoint; `port` is the bound one, useful after asking for port 0."""
+
+    server: WSGIServer
+    thread: threading.Thread
+    port: int
+
+    def stop(self) -> None:
+        """Stops serving and frees the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(port: int = 0, addr: str = "0.0.0.0") -> MetricsServer:
+    """Serves the metrics on their own port, in a daemon thread, so scrapes never touch gRPC."""
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type("_MetricsServer", (_ThreadingServer,), {"address_family": family})
+    server: WSGIServer = make_server(addr, port, _app, server_class, handler_class=_QuietHandler)
+    # Polling every 0.1 s rather than 0.5 s, so stop() is quick.
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="metrics", daemon=True)
+    thread.start()
+    return MetricsServer(server, thread, server.server_port)

@@ -1,0 +1,111 @@
+"""One ONNX Runtime session per model version: provider choice, threads, output selection.
+
+The provider in use is read back from the session, never assumed: ONNX Runtime quietly falls
+back to the CPU when the CUDA provider cannot start, and its Python `run` may fall back again
+after a CUDA failure. We disable that fallback and report, or refuse, what really runs.
+`run` is thread-safe and releases the GIL, so the batcher calls it from a thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InferenceFailed
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class LoadError(Exception):
+    """A session could not be created as asked (bad file, or the device is not there)."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are created; defaults are chosen for a small CPU machine (see README)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    intra_op_threads: int = 0  # 0: one per core
+    inter_op_threads: int = 1  # the graphs are chains: no parallel branches worth a pool
+    allow_spinning: bool = False  # spinning threads steal the cores the gRPC loop needs
+
+    def threads(self) -> int:
+        return self.intra_op_threads or os.cpu_count() or 1
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' to (kind, device id); anything else is an error."""
+    kind, _, index = device.partition(":")
+    if kind in ("auto", "cpu") and not index:
+        return kind, 0
+    if kind == "cuda" and (not index or index.isdigit()):
+        return kind, int(index or 0)
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
+
+
+def providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
+    """The provider list to ask ONNX Runtime for."""
+    kind, index = parse_device(device)
+    available = ort.get_available_providers()
+    if kind == "cpu" or (kind == "auto" and CUDA not in available):
+        return [CPU]
+    if CUDA not in available:
+        raise LoadError(
+            f"device {device!r} asked for, but this onnxruntime has no {CUDA} "
+            f"(available: {', '.join(available)}); install the `gpu` extra (onnxruntime-gpu)"
+        )
+    return [(CUDA, {"device_id": str(index)}), CPU]
+
+
+class ModelRuntime:
+    """An ONNX Runtime session and what the batcher needs to know about it."""
+
+    def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.threads()
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3
+        spin = "1" if options.allow_spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        requested = providers_for(options.device)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options, providers=requested)
+        except Exception as error:  # ORT raises its own Fail/InvalidGraph types
+            raise LoadError(f"ONNX Runtime could not load {path.name}: {error}") from error
+        self.session.disable_fallback()
+        self.provider = self.session.get_providers()[0]
+        kind, _ = parse_device(options.device)
+        if kind == "cuda" and self.provider != CUDA:
+            raise LoadError(
+                f"device {options.device!r} asked for, but ONNX Runtime started {self.provider} "
+                "(is a GPU visible, and are the CUDA libraries installed?)"
+            )
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Only the named outputs are copied out; the graph runs once whatever is asked."""
+        try:
+            values = self.session.run(list(outputs), {self.input_name: batch})
+        except Exception as error:
+            raise InferenceFailed(f"inference failed: {error}") from error
+        return dict(zip(outputs, values, strict=True))
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Run the largest and the smallest batch once, so first requests pay no allocation."""
+        for size in sorted({1, max(1, max_batch_size)}):
+            shape = [size, *(d if isinstance(d, int) else 1 for d in self.input_shape())]
+            self.run(np.zeros(shape, np.float32), self.output_names)
+
+    def input_shape(self) -> list[int | str]:
+        """Per-image input shape (the batch axis left out)."""
+        return list(self.session.get_inputs()[0].shape[1:])

@@ -1,0 +1,307 @@
+"""cnnserve.v1.Inference: translates our messages and calls the layers below.
+
+No ONNX Runtime here: a request is decoded (preprocess), queued on its model's batcher, and
+the batcher's arrays are turned back into messages. Every error is a domain error mapped to a
+status in one place (`errors.status_of`), with a message naming the field and the image index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from service import metrics, preprocess
+from service.config import Settings
+from service.errors import InvalidArgument, ServiceError, status_of
+from service.proto import cnnserve_pb2 as pb
+from service.proto import cnnserve_pb2_grpc as pb_grpc
+from service.repository import ModelRepository, ModelVersion, State
+
+DEFAULT_TOP_K = 5
+# Decoding this many encoded bytes or more moves off the event loop, so one large JPEG
+# cannot stall every other call.
+DECODE_IN_THREAD_BYTES = 256 * 1024
+STREAM_WINDOW = 64  # stream items decoded and queued at once; more wait in gRPC flow control
+
+INVERT = {
+    pb.INVERT_AUTO: preprocess.Invert.AUTO,
+    pb.INVERT_YES: preprocess.Invert.YES,
+    pb.INVERT_NO: preprocess.Invert.NO,
+}
+FEATURE_DTYPES = {
+    pb.DATA_TYPE_UNSPECIFIED: (np.dtype("<f4"), pb.DATA_TYPE_FLOAT32),
+    pb.DATA_TYPE_FLOAT32: (np.dtype("<f4"), pb.DATA_TYPE_FLOAT32),
+    pb.DATA_TYPE_FLOAT16: (np.dtype("<f2"), pb.DATA_TYPE_FLOAT16),
+}
+TENSOR_DTYPES = {
+    pb.DATA_TYPE_UNSPECIFIED: "float32",
+    pb.DATA_TYPE_FLOAT32: "float32",
+    pb.DATA_TYPE_FLOAT16: "float16",
+    pb.DATA_TYPE_UINT8: "uint8",
+}
+STATES = {
+    State.LOADING: pb.MODEL_STATE_LOADING,
+    State.READY: pb.MODEL_STATE_READY,
+    State.FAILED: pb.MODEL_STATE_FAILED,
+    State.UNLOADED: pb.MODEL_STATE_UNLOADED,
+}
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, for the batcher to drop late requests."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+class Images:
+    """Decoding of a request's images into one N x 1 x 28 x 28 array."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.limits = preprocess.Limits(max_pixels=settings.max_pixels)
+        self.max_images = settings.max_images_per_request
+
+    def _one(self, image: pb.Image, index: int, invert: preprocess.Invert) -> np.ndarray:
+        kind = image.WhichOneof("data")
+        where = f"images[{index}]"
+        try:
+            if kind == "encoded":
+                return preprocess.from_encoded(image.encoded, invert, self.limits)
+            if kind == "pixels":
+                p = image.pixels
+                return preprocess.from_pixels(p.height, p.width, p.data, invert, self.limits)
+            if kind == "tensor":
+                t = image.tensor
+                dtype = TENSOR_DTYPES.get(t.dtype, f"enum value {t.dtype}")
+                return preprocess.from_tensor(list(t.shape), dtype, t.data)
+        except preprocess.InvalidImage as error:
+            raise InvalidArgument(f"{where}.{kind}: {error}") from None
+        raise InvalidArgument(f"{where}: empty image; set one of encoded, pixels or tensor")
+
+    def _all(self, images: Any, invert: preprocess.Invert) -> np.ndarray:
+        return preprocess.stack([self._one(image, i, invert) for i, image in enumerate(images)])
+
+    async def decode(self, images: Any, invert_value: int) -> np.ndarray:
+        if not images:
+            raise InvalidArgument("images: at least one image is required")
+        if len(images) > self.max_images:
+            raise InvalidArgument(
+                f"images: {len(images)} images in one request, over the limit of "
+                f"{self.max_images}; split the request"
+            )
+        if invert_value not in INVERT:
+            raise InvalidArgument(f"invert: unknown value {invert_value}")
+        invert = INVERT[invert_value]
+        encoded = sum(len(image.encoded) for image in images)
+        if encoded >= DECODE_IN_THREAD_BYTES:
+            return await asyncio.get_running_loop().run_in_executor(None, self._all, images, invert)
+        return self._all(images, invert)
+
+
+def feature_maps(
+    outputs: dict[str, np.ndarray], names: list[str], index: int, dtype: np.dtype, tag: int
+) -> list[pb.FeatureMap]:
+    maps = []
+    for name in names:
+        value = outputs[name][index]
+        data = value.astype(dtype, copy=False).tobytes()
+        maps.append(pb.FeatureMap(name=name, shape=value.shape, dtype=tag, data=data))
+    return maps
+
+
+def model_info(name: str, entry: ModelVersion, versions: dict[str, ModelVersion]) -> pb.ModelInfo:
+    config = entry.config
+    batching = entry.batcher.policy if entry.batcher else None
+    accuracy = (config.get("accuracy") or {}).get("onnxruntime")
+    info = pb.ModelInfo(
+        name=name,
+        version=entry.version,
+        versions=[
+            pb.VersionStatus(version=v.version, state=STATES[v.state], reason=v.reason)
+            for v in sorted(versions.values(), key=lambda v: int(v.version))
+        ],
+        kind=entry.kind,
+        summary=str(config.get("summary", "")),
+        labels=entry.labels,
+        input=_spec(config.get("input")),
+        outputs=[_spec(o) for o in config.get("outputs", [])],
+        features=[_spec(f) for f in config.get("features", [])],
+        params=int(config.get("params", 0)),
+        mflops=float(config.get("mflops", 0.0)),
+        execution_provider=entry.provider,
+        state=STATES[entry.state],
+        state_reason=entry.reason,
+        max_batch_size=batching.max_batch_size if batching else 0,
+        max_queue_delay_ms=batching.max_queue_delay_s * 1000 if batching else 0.0,
+    )
+    if accuracy is not None:
+        info.accuracy = float(accuracy)
+    return info
+
+
+def _spec(spec: dict[str, Any] | None) -> pb.TensorSpec:
+    if not spec:
+        return pb.TensorSpec()
+    return pb.TensorSpec(name=spec["name"], shape=spec["shape"], dtype=pb.DATA_TYPE_FLOAT32)
+
+
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    """Our API over the shared repository and batchers."""
+
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self.repository = repository
+        self.images = Images(settings)
+
+    def _label(self, name: str, version: str) -> tuple[str, str]:
+        """Metric labels: only names the repository knows, so clients cannot grow the series."""
+        if name in self.repository.models:
+            try:
+                return name, self.repository.find(name, version).version
+            except ServiceError:
+                return name, ""
+        return "", ""
+
+    async def _observed(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext, call: Handler
+    ) -> Any:
+        started = time.perf_counter()
+        model, version = self._label(request.model, request.version)
+        code = grpc.StatusCode.OK
+        try:
+            with metrics.track_inflight(model, version):
+                return await call(request, context)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status
+            code, message = status_of(error)
+            await context.abort(code, message)
+        finally:
+            metrics.observe_request(model, version, method, code.name, time.perf_counter() - started)
+
+    # Classify -----------------------------------------------------------------------------
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        entry = self.repository.ready(request.model, request.version)
+        if entry.kind != "classifier":
+            raise InvalidArgument(
+                f"model: {entry.name} is a {entry.kind} with no class output; call FeatureMaps"
+            )
+        features = entry.resolve_features(request.features, "features")
+        if request.feature_dtype not in FEATURE_DTYPES:
+            raise InvalidArgument("feature_dtype: feature maps are sent as FLOAT32 or FLOAT16")
+        dtype, tag = FEATURE_DTYPES[request.feature_dtype]
+        labels = entry.labels
+        top_k = min(request.top_k or DEFAULT_TOP_K, len(labels))
+        batch = await self.images.decode(request.images, request.invert)
+        assert entry.batcher is not None
+        outputs = await entry.batcher.submit(batch, ["probabilities", *features], deadline_of(context))
+        probabilities = outputs["probabilities"]
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        results = []
+        for i, row in enumerate(probabilities):
+            results.append(
+                pb.Classification(
+                    top_k=[
+                        pb.ClassScore(index=int(c), label=labels[c], probability=float(row[c]))
+                        for c in order[i]
+                    ],
+                    probabilities=row.tolist(),
+                    features=feature_maps(outputs, features, i, dtype, tag),
+                )
+            )
+        return pb.ClassifyResponse(model=entry.name, version=entry.version, results=results)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._observed("Classify", request, context, self._classify)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Items run concurrently (so they batch); replies go out in request order.
+
+        At most STREAM_WINDOW items are in progress: past that the reader stops reading, and
+        gRPC's flow control pushes back on the client.
+        """
+        pending: asyncio.Queue[tuple[str, asyncio.Task[Any]] | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def one(item: pb.ClassifyStreamRequest) -> pb.ClassifyStreamResponse:
+            started = time.perf_counter()
+            model, version = self._label(item.request.model, item.request.version)
+            try:
+                response = await self._classify(item.request, context)
+                code = grpc.StatusCode.OK
+                return pb.ClassifyStreamResponse(id=item.id, response=response)
+            except Exception as error:  # noqa: BLE001 - reported on the item, stream goes on
+                code, message = status_of(error)
+                return pb.ClassifyStreamResponse(
+                    id=item.id, error=pb.Error(code=code.value[0], message=message)
+                )
+            finally:
+                seconds = time.perf_counter() - started
+                metrics.observe_request(model, version, "ClassifyStream", code.name, seconds)
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    await pending.put((item.id, asyncio.ensure_future(one(item))))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (entry := await pending.get()) is not None:
+                yield await entry[1]
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                queued = pending.get_nowait()
+                if queued is not None:
+                    queued[1].cancel()
+
+    # Feature maps -------------------------------------------------------------------------
+
+    async def _feature_maps(
+        self, request: pb.FeatureMapsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FeatureMapsResponse:
+        entry = self.repository.ready(request.model, request.version)
+        features = entry.resolve_features(request.features, "features") or list(entry.feature_names)
+        if not features:
+            raise InvalidArgument(f"model: {entry.name} has no feature outputs")
+        if request.dtype not in FEATURE_DTYPES:
+            raise InvalidArgument("dtype: feature maps are sent as FLOAT32 or FLOAT16")
+        dtype, tag = FEATURE_DTYPES[request.dtype]
+        batch = await self.images.decode(request.images, request.invert)
+        assert entry.batcher is not None
+        outputs = await entry.batcher.submit(batch, features, deadline_of(context))
+        results = [
+            pb.ImageFeatures(features=feature_maps(outputs, features, i, dtype, tag))
+            for i in range(len(batch))
+        ]
+        return pb.FeatureMapsResponse(model=entry.name, version=entry.version, results=results)
+
+    async def FeatureMaps(self, request: pb.FeatureMapsRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._observed("FeatureMaps", request, context, self._feature_maps)
+
+    # Model information --------------------------------------------------------------------
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+        infos = [
+            model_info(name, self.repository.newest(name), versions)
+            for name, versions in sorted(self.repository.models.items())
+        ]
+        return pb.ListModelsResponse(models=infos)
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            entry = self.repository.find(request.model, request.version)
+        except ServiceError as error:
+            await context.abort(*status_of(error))
+        return model_info(entry.name, entry, self.repository.models[entry.name])

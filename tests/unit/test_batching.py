@@ -1,0 +1,177 @@
+"""The batcher's contract: merge, split, bound the queue, drop the dead, fail only its batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, BatchPolicy
+from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
+
+
+class Recorder:
+    """A stand-in session: doubles its input, records batch sizes, can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.started = threading.Event()
+        self.fail_next = False
+
+    def __call__(self, batch: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        self.started.set()
+        self.release.wait(10)
+        self.batches.append(len(batch))
+        if self.fail_next:
+            self.fail_next = False
+            raise ValueError("boom")
+        flat = batch.reshape(len(batch), -1)
+        every = {"double": flat * 2, "sum": flat.sum(1, keepdims=True), "bad": flat[:1]}
+        return {name: every[name] for name in outputs}  # only what was asked, like a session
+
+
+def images(n: int, value: float) -> np.ndarray:
+    return np.full((n, 1, 28, 28), value, np.float32)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def make(recorder: Recorder, **policy) -> tuple[Batcher, ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(2)
+    batcher = Batcher("m", "1", recorder, BatchPolicy(**policy), executor)
+    batcher.start()
+    return batcher, executor
+
+
+def test_concurrent_requests_are_merged_and_split_back() -> None:
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=64, max_queue_delay_s=0.05)
+        first = batcher.submit(images(1, 0.0), ["sum"])  # starts a batch and holds it
+        await asyncio.to_thread(recorder.started.wait, 5)
+        futures = [batcher.submit(images(i + 1, float(i)), ["double", "sum"]) for i in range(5)]
+        recorder.release.set()
+        results = await asyncio.gather(first, *futures)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    assert recorder.batches == [1, 15]  # 1+2+3+4+5 images queued behind the first batch
+    for i, result in enumerate(results[1:]):
+        assert set(result) == {"double", "sum"}
+        assert result["double"].shape == (i + 1, 784)
+        np.testing.assert_array_equal(result["sum"], np.full((i + 1, 1), 784.0 * i))
+    assert set(results[0]) == {"sum"}
+
+
+def test_full_queue_fails_fast_with_overloaded() -> None:
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=4, max_queue_images=8)
+        running = batcher.submit(images(4, 1), ["sum"])
+        await asyncio.to_thread(recorder.started.wait, 5)
+        queued = [batcher.submit(images(4, 1), ["sum"]) for _ in range(2)]  # 8 waiting: full
+        with pytest.raises(Overloaded, match="queue is full"):
+            batcher.submit(images(1, 1), ["sum"])
+        recorder.release.set()
+        await asyncio.gather(running, *queued)
+        await batcher.close()
+
+    run(main())
+    assert recorder.batches == [4, 4, 4]
+
+
+def test_expired_and_cancelled_requests_cost_no_inference() -> None:
+    recorder = Recorder()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=1)
+        running = batcher.submit(images(1, 1), ["sum"])
+        await asyncio.to_thread(recorder.started.wait, 5)
+        expired = batcher.submit(images(1, 2), ["sum"], deadline=loop.time() + 0.01)
+        cancelled = batcher.submit(images(1, 3), ["sum"])
+        kept = batcher.submit(images(1, 4), ["sum"])
+        cancelled.cancel()
+        await asyncio.sleep(0.05)
+        recorder.release.set()
+        await running
+        with pytest.raises(DeadlineExceeded):
+            await expired
+        result = await kept
+        await batcher.close()
+        return result
+
+    result = run(main())
+    assert recorder.batches == [1, 1]  # the running one and `kept`: nothing else ran
+    assert result["sum"][0, 0] == 784 * 4
+
+
+def test_a_failing_batch_fails_only_its_requests() -> None:
+    recorder = Recorder()
+
+    async def main():
+        batcher, _ = make(recorder, max_batch_size=8)
+        recorder.fail_next = True
+        with pytest.raises(InferenceFailed):
+            await batcher.submit(images(2, 1), ["sum"])
+        ok = await batcher.submit(images(2, 1), ["sum"])
+        await batcher.close()
+        return ok
+
+    assert run(main())["sum"].shape == (2, 1)
+
+
+def test_outputs_that_do_not_add_up_fail_the_batch() -> None:
+    async def main():
+        batcher, _ = make(Recorder(), max_batch_size=8)
+        with pytest.raises(InferenceFailed, match="rows for a batch of 3"):
+            await batcher.submit(images(3, 1), ["bad"])
+        await batcher.close()
+
+    run(main())
+
+
+def test_oversized_request_runs_alone_and_is_never_split() -> None:
+    recorder = Recorder()
+
+    async def main():
+        batcher, _ = make(recorder, max_batch_size=4, max_queue_images=64)
+        result = await batcher.submit(images(10, 1), ["sum"])
+        await batcher.close()
+        return result
+
+    assert run(main())["sum"].shape == (10, 1)
+    assert recorder.batches == [10]
+
+
+def test_close_finishes_accepted_requests_then_refuses_new_ones() -> None:
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=2)
+        accepted = [batcher.submit(images(1, i), ["sum"]) for i in range(6)]
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            batcher.submit(images(1, 1), ["sum"])
+        recorder.release.set()
+        await closing
+        return await asyncio.gather(*accepted)
+
+    results = run(main())
+    assert [r["sum"][0, 0] for r in results] == [784.0 * i for i in range(6)]
+    assert sum(recorder.batches) == 6
