@@ -41,8 +41,21 @@ dataset:
 quick-models: setup
 	$(BIN)/cnnserve-export all --quick --skip-existing --model-repository $(MODELS)
 
-serve: quick-models
-	$(BIN)/cnnserve serve --model-repository $(MODELS)
+SAMPLES ?= samples
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+$(SAMPLES)/00000-ankle-boot.png: | setup
+	$(BIN)/cnnserve-export samples $(SAMPLES) --count 10 >/dev/null
+
+serve: quick-models $(SAMPLES)/00000-ankle-boot.png
+	@echo
+	@echo "cnnserve: gRPC on 127.0.0.1:$(GRPC_PORT), Prometheus metrics on http://127.0.0.1:$(METRICS_PORT)/metrics"
+	@echo "Once it logs 'serving', try from another terminal:"
+	@echo "  $(BIN)/cnnserve classify $(SAMPLES)/00000-ankle-boot.png --model lenet5"
+	@echo "  $(BIN)/cnnserve models"
+	@echo
+	$(BIN)/cnnserve serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 # The whole family; resumes where it stopped (finished models are skipped, the one in
 # training restarts from its last epoch checkpoint).
@@ -63,5 +76,10 @@ format: setup
 	$(BIN)/ruff format export service tests bench
 	$(BIN)/ruff check --fix export service tests bench
 
+# Regenerate the committed gRPC code after editing protos/ (tests/unit/test_protos.py checks it).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iservice/proto=protos --python_out=. \
+		--grpc_python_out=. --pyi_out=. protos/*.proto
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(SAMPLES)

@@ -1,9 +1,10 @@
 """`cnnserve-export`: train the family, convert to ONNX, and list the model repository.
 
-    cnnserve-export train --model lenet5 [--epochs N] [--max-steps N] [--option k=v ...]
-    cnnserve-export all [--quick] [--skip-existing]
-    cnnserve-export list
-    cnnserve-export models
+cnnserve-export train --model lenet5 [--epochs N] [--max-steps N] [--option k=v ...]
+cnnserve-export all [--quick] [--skip-existing]
+cnnserve-export list
+cnnserve-export models
+cnnserve-export samples FOLDER [--count N]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from export import repository
-from export.data import DatasetNotFoundError, load_fashion_mnist
+from export.data import LABELS, DatasetNotFoundError, load_fashion_mnist
 from export.pipeline import QUICK_SET, ExportRequest, ExportResult, export_model
 from export.registry import get_entry, list_models
 
@@ -40,7 +41,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--model-repository",
         type=Path,
         default=Path(os.environ.get("CNNSERVE_MODEL_REPOSITORY", DEFAULT_REPOSITORY)),
-        help="repository folder to write into (default: %(default)s, or $CNNSERVE_MODEL_REPOSITORY)",
+        help="repository folder (default: %(default)s, or $CNNSERVE_MODEL_REPOSITORY)",
     )
 
 
@@ -53,7 +54,9 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--train-limit", type=int, help="train on the first N training images")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: all cores)"
     )
@@ -92,10 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="print the model repository as a table")
     _common(listing)
     commands.add_parser("models", help="print the family members and their default recipes")
+
+    samples = commands.add_parser("samples", help="write Fashion-MNIST test images as PNG files")
+    samples.add_argument("folder", type=Path, help="where to write them")
+    samples.add_argument("--count", type=int, default=10, help="how many (default: %(default)s)")
+    samples.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST IDX files")
     return parser
 
 
-def _request(args: argparse.Namespace, model: str, name: str | None = None, **options: Any) -> ExportRequest:
+def write_samples(folder: Path, count: int, data_dir: Path | None) -> list[Path]:
+    """The first `count` test images as PNGs named by index and true label, for first calls."""
+    from PIL import Image
+
+    data = load_fashion_mnist(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        label = LABELS[data.test_labels[index]].lower().replace("/", "-").replace(" ", "-")
+        path = folder / f"{index:05d}-{label}.png"
+        Image.fromarray(data.test_images[index]).save(path)
+        paths.append(path)
+    return paths
+
+
+def _request(
+    args: argparse.Namespace, model: str, name: str | None = None, **options: Any
+) -> ExportRequest:
     return ExportRequest(
         model=model,
         name=name,
@@ -128,12 +153,16 @@ def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> in
     failed: list[str] = []
     for request in requests:
         name = request.name or request.model
-        if getattr(args, "skip_existing", False) and repository.versions(args.model_repository, name):
+        if getattr(args, "skip_existing", False) and repository.versions(
+            args.model_repository, name
+        ):
             print(f"skip {name}: already in {args.model_repository}", flush=True)
             continue
         started = time.perf_counter()
         try:
-            _report(export_model(request, data, args.model_repository), time.perf_counter() - started)
+            _report(
+                export_model(request, data, args.model_repository), time.perf_counter() - started
+            )
         except Exception as error:  # one model's failure must not stop the rest of the family
             print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
             failed.append(name)
@@ -145,12 +174,15 @@ def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> in
 
 def _format_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
     return "\n".join(line.rstrip() for line in lines)
 
 
 def list_repository(root: Path) -> str:
-    """The repository as a table: one row per model, its versions and its latest version's figures."""
+    """The repository as a table: a row per model, its versions and its newest one's figures."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for config in repository.read_configs(root):
         by_name.setdefault(config["name"], []).append(config)
@@ -179,7 +211,9 @@ def _list_family() -> str:
     rows = []
     for name in list_models():
         recipe = get_entry(name).recipe
-        rows.append([name, str(recipe.epochs), recipe.optimizer, recipe.schedule, get_entry(name).summary])
+        rows.append(
+            [name, str(recipe.epochs), recipe.optimizer, recipe.schedule, get_entry(name).summary]
+        )
     return _format_table(rows, ["model", "epochs", "optimizer", "schedule", "summary"])
 
 
@@ -190,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models":
         print(_list_family())
+        return 0
+    if args.command == "samples":
+        for path in write_samples(args.folder, args.count, args.data_dir):
+            print(path)
         return 0
     if args.command == "train":
         requests = [_request(args, args.model, args.name, **dict(args.option))]

@@ -15,7 +15,7 @@ from export.models.base import INPUT_SHAPE
 
 
 def count_params(model: nn.Module) -> int:
-    """Learned parameters (buffers such as fixed Kirsch kernels and BatchNorm statistics excluded)."""
+    """Learned parameters (buffers such as Kirsch kernels and BatchNorm statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
 
 

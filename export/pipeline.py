@@ -43,7 +43,7 @@ class ExportRequest:
     seed: int = 0
     max_steps: int | None = None
     train_limit: int | None = None
-    test_limit: int | None = None  # learning curve on the first N test images only
+    test_limit: int | None = None  # learning curve and accuracy check on the first N test images
     device: str = "cpu"
     resume: bool = True
     progress: bool = True
@@ -78,10 +78,16 @@ def build_config(
     outputs = []
     if classifier:
         outputs = [
-            {"name": name, "shape": [len(LABELS)], "dtype": "float32"} for name in convert.CLASS_OUTPUTS
+            {"name": name, "shape": [len(LABELS)], "dtype": "float32"}
+            for name in convert.CLASS_OUTPUTS
         ]
     features = [
-        {"name": convert.feature_output(stage), "stage": stage, "shape": list(shape), "dtype": "float32"}
+        {
+            "name": convert.feature_output(stage),
+            "stage": stage,
+            "shape": list(shape),
+            "dtype": "float32",
+        }
         for stage, shape in shapes.items()
     ]
     entry = get_entry(model.name)
@@ -97,7 +103,9 @@ def build_config(
             "range": [0.0, 1.0],
             "layout": "NCHW",
             "normalization": (
-                {"mean": FMNIST_MEAN, "std": FMNIST_STD, "in_graph": True} if model.normalize else None
+                {"mean": FMNIST_MEAN, "std": FMNIST_STD, "in_graph": True}
+                if model.normalize
+                else None
             ),
         },
         "outputs": outputs,
@@ -131,6 +139,7 @@ def build_config(
 def export_model(request: ExportRequest, data: FashionMNIST, root: Path) -> ExportResult:
     """Train (or build, for fixed-weight models), validate, and write a new version."""
     name = repository.check_name(request.name or request.model)
+    torch.manual_seed(request.seed)  # the initial weights belong to the seed too
     model = create_model(request.model, **(request.options or {}))
     recipe = get_entry(request.model).recipe.override(**(request.recipe or {}))
     checkpoint = repository.checkpoint_path(root, name)
@@ -150,7 +159,7 @@ def export_model(request: ExportRequest, data: FashionMNIST, root: Path) -> Expo
     )
     model = model.cpu().eval()
     proto = convert.to_onnx(model)
-    validation = convert.validate(model, proto, data)
+    validation = convert.validate(model, proto, data, accuracy_images=request.test_limit)
     config = build_config(model, recipe, result, validation, data, request.seed)
     convert.set_metadata(proto, config)
     path = repository.write_model(root, name, proto, config)

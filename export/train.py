@@ -115,10 +115,14 @@ def _scheduler(
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if recipe.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    raise ValueError(f"recipe schedule must be onecycle, cosine or constant; got {recipe.schedule!r}")
+    raise ValueError(
+        f"recipe schedule must be onecycle, cosine or constant; got {recipe.schedule!r}"
+    )
 
 
-def _fingerprint(model: FamilyModel, recipe: Recipe, seed: int, max_steps: int | None, n: int) -> str:
+def _fingerprint(
+    model: FamilyModel, recipe: Recipe, seed: int, max_steps: int | None, n: int
+) -> str:
     """What must match for a checkpoint to be resumed rather than started over."""
     return json.dumps(
         {
@@ -179,6 +183,7 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, elapsed = state["step"], state["seconds"]
+            torch.set_rng_state(state["torch_rng"])  # dropout continues as if never stopped
             history = [EpochRecord(**r) for r in state["history"]]
             tqdm.write(f"{model.name}: resuming from {checkpoint} at step {step}/{total_steps}")
         else:
@@ -215,12 +220,21 @@ def train(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             rate = seen / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
+            )
         bar.close()
         elapsed += time.perf_counter() - started
         test_accuracy = evaluate(model, test_images, test_labels, device)
         history.append(
-            EpochRecord(epoch + 1, step, loss_sum / max(seen, 1), correct / max(seen, 1), test_accuracy, elapsed)
+            EpochRecord(
+                epoch + 1,
+                step,
+                loss_sum / max(seen, 1),
+                correct / max(seen, 1),
+                test_accuracy,
+                elapsed,
+            )
         )
         tqdm.write(
             f"{model.name} epoch {epoch + 1}: loss {history[-1].train_loss:.4f} "
@@ -229,10 +243,14 @@ def train(
         )
         epoch += 1
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint, step, elapsed, history)
+            _save_checkpoint(
+                checkpoint, model, optimizer, scheduler, fingerprint, step, elapsed, history
+            )
 
     model.eval()
-    accuracy = history[-1].test_accuracy if history else evaluate(model, test_images, test_labels, device)
+    accuracy = (
+        history[-1].test_accuracy if history else evaluate(model, test_images, test_labels, device)
+    )
     images_seen = min(step * recipe.batch_size, total_steps * recipe.batch_size)
     return TrainResult(
         test_accuracy=accuracy,
@@ -267,6 +285,7 @@ def _save_checkpoint(
             "step": step,
             "seconds": seconds,
             "history": [asdict(r) for r in history],
+            "torch_rng": torch.get_rng_state(),
             # The constructor arguments beside the weights, so the network can be rebuilt.
             "model_name": getattr(model, "name", None),
             "model_options": getattr(model, "init_kwargs", {}),

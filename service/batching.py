@@ -7,6 +7,10 @@ The contract, one batcher per loaded model version:
   arrive while a batch runs simply wait for the next one, so under load batches fill by
   themselves and at low load a lone request goes straight through.
 - A request is never split across batches; one larger than `max_batch_size` runs on its own.
+- Priorities follow Triton: 1 is the highest level, 2 the next, and so on; 0 (the default) is
+  below every explicit level. The collector always takes from the highest non-empty level, in
+  arrival order within a level, so urgent requests overtake waiting ones but never a running
+  batch.
 - Requests whose deadline has passed or whose caller has gone are dropped before they cost
   inference.
 - The batch runs in a thread pool (ONNX Runtime releases the GIL); only the union of the
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -27,11 +32,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, ServiceError, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidArgument,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
+
+DEFAULT_PRIORITY = 0
+_DEFAULT_LEVEL = sys.maxsize  # priority 0 queues after every explicit level
+
+
+def _level(priority: int) -> int:
+    """Queue order of a priority: smaller is served first."""
+    if priority < 0:
+        raise InvalidArgument(f"priority must be >= 0 (1 is the highest), got {priority}")
+    return priority or _DEFAULT_LEVEL
 
 
 @dataclass(frozen=True)
@@ -65,7 +87,8 @@ class Batcher:
         self.policy = policy
         self._run = run
         self._executor = executor
-        self._queue: collections.deque[_Pending] = collections.deque()
+        # One FIFO per priority level, keyed by queue order; empty levels are removed.
+        self._queues: dict[int, collections.deque[_Pending]] = {}
         self._queued_images = 0
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -82,9 +105,17 @@ class Batcher:
         )
 
     def submit(
-        self, images: np.ndarray, outputs: Sequence[str], deadline: float | None = None
+        self,
+        images: np.ndarray,
+        outputs: Sequence[str],
+        deadline: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
-        """Queue `images` (N x 1 x 28 x 28 float32); the future resolves to the asked outputs."""
+        """Queue `images` (N x 1 x 28 x 28 float32); the future resolves to the asked outputs.
+
+        `priority`: 1 is served first, then 2, ...; 0 (the default) after every explicit level.
+        """
+        level = _level(priority)
         if self._closed:
             raise Unavailable(f"model {self.model} version {self.version} is shutting down")
         n = len(images)
@@ -94,7 +125,9 @@ class Batcher:
                 f"limit {self.policy.max_queue_images}); retry with backoff"
             )
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, tuple(outputs), future, deadline))
+        self._queues.setdefault(level, collections.deque()).append(
+            _Pending(images, tuple(outputs), future, deadline)
+        )
         self._queued_images += n
         metrics.set_queue_depth(self.model, self.version, self._queued_images)
         self._wakeup.set()
@@ -107,26 +140,37 @@ class Batcher:
         if self._task is not None:
             await self._task
 
+    def _head(self) -> _Pending | None:
+        """The next request to serve: the oldest of the highest non-empty priority level."""
+        return self._queues[min(self._queues)][0] if self._queues else None
+
     def _pop(self) -> _Pending:
-        item = self._queue.popleft()
+        level = min(self._queues)
+        queue = self._queues[level]
+        item = queue.popleft()
+        if not queue:
+            del self._queues[level]
         self._queued_images -= len(item.images)
         return item
 
     def _drop_dead(self, now: float) -> None:
-        """Remove cancelled and expired requests from the front of the queue."""
-        kept: collections.deque[_Pending] = collections.deque()
-        while self._queue:
-            item = self._pop()
-            if item.future.done():  # the caller cancelled
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                item.future.set_exception(
-                    DeadlineExceeded("deadline passed while the request waited in the queue")
-                )
-                continue
-            kept.append(item)
-            self._queued_images += len(item.images)
-        self._queue = kept
+        """Remove cancelled and expired requests from the queue."""
+        for level, queue in list(self._queues.items()):
+            kept: collections.deque[_Pending] = collections.deque()
+            for item in queue:
+                if item.future.done():  # the caller cancelled
+                    self._queued_images -= len(item.images)
+                elif item.deadline is not None and now >= item.deadline:
+                    self._queued_images -= len(item.images)
+                    item.future.set_exception(
+                        DeadlineExceeded("deadline passed while the request waited in the queue")
+                    )
+                else:
+                    kept.append(item)
+            if kept:
+                self._queues[level] = kept
+            else:
+                del self._queues[level]
 
     async def _gather(self) -> list[_Pending]:
         """Up to max_batch_size images, waiting at most max_queue_delay for the batch to fill."""
@@ -135,8 +179,9 @@ class Batcher:
         size = len(batch[0].images)
         wait_until = batch[0].enqueued + self.policy.max_queue_delay_s
         while size < limit:
-            if self._queue:
-                if size + len(self._queue[0].images) > limit:
+            head = self._head()
+            if head is not None:
+                if size + len(head.images) > limit:
                     break
                 item = self._pop()
                 if item.future.done():
@@ -158,7 +203,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             self._drop_dead(loop.time())
-            if not self._queue:
+            if not self._queues:
                 if self._closed:
                     return
                 self._wakeup.clear()
@@ -209,7 +254,9 @@ def _split(results: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, n
     total = sum(sizes)
     for name, value in results.items():
         if len(value) != total:
-            raise InferenceFailed(f"output {name} has {len(value)} rows for a batch of {total} images")
+            raise InferenceFailed(
+                f"output {name} has {len(value)} rows for a batch of {total} images"
+            )
     bounds = np.cumsum([0, *sizes])
     return [
         {name: value[start:end] for name, value in results.items()}

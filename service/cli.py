@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("images", nargs="+", type=Path, help="PNG, JPEG, WebP, BMP or GIF files")
     classify.add_argument("--model", required=True, help="model name, e.g. lenet5")
     classify.add_argument("--version", default="", help="model version (default: newest)")
-    classify.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
+    classify.add_argument(
+        "--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)"
+    )
     classify.add_argument("--top-k", type=int, default=5, help="classes to show (default: 5)")
     classify.add_argument(
         "--invert", choices=["auto", "yes", "no"], default="auto", help="colour inversion"

@@ -58,7 +58,9 @@ def list_models(args: argparse.Namespace) -> int:
     rows = [["name", "version", "kind", "state", "provider", "params", "MFLOPs", "accuracy"]]
     for model in response.models:
         accuracy = f"{model.accuracy:.4f}" if model.HasField("accuracy") else "-"
-        state = STATE_NAMES[model.state] + (f" ({model.state_reason})" if model.state_reason else "")
+        state = STATE_NAMES[model.state] + (
+            f" ({model.state_reason})" if model.state_reason else ""
+        )
         rows.append(
             [
                 model.name,
@@ -73,5 +75,7 @@ def list_models(args: argparse.Namespace) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
     return 0

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ENV_PREFIX = "CNNSERVE_"
 MiB = 1024 * 1024
@@ -124,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(default) if isinstance(default, tuple) else default
         help_text = f"{HELP[f.name]} (default: {shown or 'none'}; env {env})"
         if isinstance(default, bool):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                _flag(f.name), action=argparse.BooleanOptionalAction, help=help_text
+            )
         else:
             parser.add_argument(_flag(f.name), help=help_text)
 

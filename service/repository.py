@@ -77,7 +77,7 @@ class ModelVersion:
         return list(self.config.get("labels") or [])
 
     def resolve_features(self, requested: Iterable[str], field_name: str) -> list[str]:
-        """Feature output names from 'features.conv1' or 'conv1'; unknown names list the valid ones."""
+        """Output names from 'features.conv1' or 'conv1'; an unknown name lists the valid ones."""
         resolved = []
         for index, name in enumerate(requested):
             full = name if name.startswith("features.") else f"features.{name}"
@@ -114,7 +114,10 @@ class ModelRepository:
         self.only = set(only) if only else None
         self.on_change = on_change
         self.models: dict[str, dict[str, ModelVersion]] = {}
+        # Models a client unloaded (KServe's RepositoryModelUnload): not expected to be ready.
+        self.unloaded_on_request: set[str] = set()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._lifecycle: asyncio.Lock | None = None  # one load/unload on request at a time
 
     # Scanning -----------------------------------------------------------------------------
 
@@ -164,6 +167,10 @@ class ModelRepository:
         """Load the newest version of every model, one at a time."""
         for name in list(self.models):
             await self.load(self.newest(name))
+
+    def batch_policy(self, entry: ModelVersion) -> BatchPolicy:
+        """The batching limits the version runs (or would run) with."""
+        return entry.batcher.policy if entry.batcher is not None else self._policy(entry)
 
     def _policy(self, entry: ModelVersion) -> BatchPolicy:
         defaults = entry.config.get("batching", {})
@@ -217,6 +224,51 @@ class ModelRepository:
             await batcher.close()
         entry.runtime = None
 
+    async def load_newest(self, name: str) -> ModelVersion:
+        """Load a model's newest version on request, after a rescan picks up new versions.
+
+        Once the newest version is ready, the older ones that were serving are unloaded (one
+        version per model, as Triton's default policy). A version that fails to load leaves the
+        older ones as they were, and raises UNAVAILABLE with the reason.
+        """
+        async with self._lock():
+            self.scan()
+            if name not in self.models:
+                raise InvalidArgument(
+                    f"model {name[:80]!r} is not in the model repository; available: "
+                    f"{', '.join(sorted(self.models)) or 'none'}"
+                )
+            self.unloaded_on_request.discard(name)
+            entry = self.newest(name)
+            if entry.state is not State.READY:
+                await self.load(entry)
+            if entry.state is not State.READY:
+                raise Unavailable(
+                    f"model {name} version {entry.version} failed to load: {entry.reason}"
+                )
+            for other in self.models[name].values():
+                if other is not entry and other.state is State.READY:
+                    await self.unload(other)
+            return entry
+
+    async def unload_model(self, name: str) -> None:
+        """Unload every loaded version of a model on request; accepted requests finish first."""
+        async with self._lock():
+            if name not in self.models:
+                raise InvalidArgument(
+                    f"model {name[:80]!r} is not in the model repository; available: "
+                    f"{', '.join(sorted(self.models)) or 'none'}"
+                )
+            self.unloaded_on_request.add(name)
+            for entry in self.models[name].values():
+                if entry.state is State.READY:
+                    await self.unload(entry)
+
+    def _lock(self) -> asyncio.Lock:
+        if self._lifecycle is None:  # created on the server's loop, at first use
+            self._lifecycle = asyncio.Lock()
+        return self._lifecycle
+
     async def close(self) -> None:
         for versions in self.models.values():
             for entry in versions.values():
@@ -268,4 +320,9 @@ class ModelRepository:
         return entry
 
     def all_ready(self) -> bool:
-        return all(self.newest(name).state is State.READY for name in self.models)
+        """Every model is serving its newest version, except those unloaded on request."""
+        return all(
+            self.newest(name).state is State.READY
+            for name in self.models
+            if name not in self.unloaded_on_request
+        )

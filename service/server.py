@@ -1,4 +1,4 @@
-"""The gRPC server: our API, standard health checking and reflection on one port; metrics on another.
+"""The gRPC server: our API, health checking and reflection on one port; metrics on another.
 
 Start-up: scan the repository, open the port (health says NOT_SERVING while models load), load
 models one at a time, then report SERVING overall and per model. Shutdown (SIGTERM/SIGINT):
@@ -44,7 +44,9 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.executor = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="inference")
+        self.executor = ThreadPoolExecutor(
+            settings.executor_threads, thread_name_prefix="inference"
+        )
         self.health = health.aio.HealthServicer()
         self.repository = ModelRepository(
             settings.model_repository,
@@ -56,7 +58,9 @@ class Server:
             ),
             BatchOverrides(
                 max_batch_size=settings.max_batch_size or None,
-                max_queue_delay_ms=None if settings.max_queue_delay_ms < 0 else settings.max_queue_delay_ms,
+                max_queue_delay_ms=None
+                if settings.max_queue_delay_ms < 0
+                else settings.max_queue_delay_ms,
                 max_queue_images=settings.max_queue_images,
             ),
             self.executor,
@@ -140,7 +144,9 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     start = asyncio.ensure_future(server.start())
-    await asyncio.wait([start, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        [start, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
     if start.done():
         start.result()  # raise start-up errors
         await stop.wait()

@@ -181,7 +181,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code, message = status_of(error)
             await context.abort(code, message)
         finally:
-            metrics.observe_request(model, version, method, code.name, time.perf_counter() - started)
+            metrics.observe_request(
+                model, version, method, code.name, time.perf_counter() - started
+            )
 
     # Classify -----------------------------------------------------------------------------
 
@@ -201,7 +203,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         top_k = min(request.top_k or DEFAULT_TOP_K, len(labels))
         batch = await self.images.decode(request.images, request.invert)
         assert entry.batcher is not None
-        outputs = await entry.batcher.submit(batch, ["probabilities", *features], deadline_of(context))
+        outputs = await entry.batcher.submit(
+            batch, ["probabilities", *features], deadline_of(context)
+        )
         probabilities = outputs["probabilities"]
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         results = []
@@ -222,7 +226,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return await self._observed("Classify", request, context, self._classify)
 
     async def ClassifyStream(
-        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ClassifyStreamRequest],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """Items run concurrently (so they batch); replies go out in request order.
 
@@ -287,12 +293,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         ]
         return pb.FeatureMapsResponse(model=entry.name, version=entry.version, results=results)
 
-    async def FeatureMaps(self, request: pb.FeatureMapsRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def FeatureMaps(
+        self, request: pb.FeatureMapsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
         return await self._observed("FeatureMaps", request, context, self._feature_maps)
 
     # Model information --------------------------------------------------------------------
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
         infos = [
             model_info(name, self.repository.newest(name), versions)
             for name, versions in sorted(self.repository.models.items())

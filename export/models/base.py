@@ -10,7 +10,7 @@ the network, so the exported ONNX graph is self-contained.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,8 @@ FMNIST_STD = 0.3530
 
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 class FamilyModel(nn.Module):
@@ -124,3 +126,19 @@ class Branches(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+
+def he_init(model: ModuleT) -> ModuleT:
+    """He (Kaiming) normal initialisation of every conv for ReLU, biases zero; returns the model.
+
+    PyTorch's default conv initialisation leaves a ReLU layer's output about six times smaller
+    in variance than its input. Without BatchNorm the signal fades through a deep stack and
+    training stalls; with BatchNorm the running variance starts at 1, far above the batch
+    variance, and a network trained only briefly evaluates badly.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model

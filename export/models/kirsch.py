@@ -21,7 +21,12 @@ from export.registry import register_model
 DIRECTIONS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
 
 # The article's padding names, mapped to torch's F.pad modes.
-PADDING_MODES = {"constant": "constant", "nearest": "replicate", "mirror": "reflect", "wrap": "circular"}
+PADDING_MODES = {
+    "constant": "constant",
+    "nearest": "replicate",
+    "mirror": "reflect",
+    "wrap": "circular",
+}
 
 # Positions of the 3x3 ring, clockwise from the top-left corner.
 _RING = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)]

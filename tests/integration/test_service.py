@@ -30,10 +30,14 @@ def png(pixels: np.ndarray) -> bytes:
 
 def tensor(pixels: np.ndarray) -> pb.Image:
     data = (pixels.astype(np.float32) / 255.0).reshape(1, 28, 28)
-    return pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=data.tobytes()))
+    return pb.Image(
+        tensor=pb.Tensor(shape=[1, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=data.tobytes())
+    )
 
 
-def reference(repository: Path, model: str, pixels: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+def reference(
+    repository: Path, model: str, pixels: np.ndarray, outputs: list[str]
+) -> list[np.ndarray]:
     """ONNX Runtime called directly on the newest version: what the service must return."""
     folder = max((repository / model).iterdir(), key=lambda p: int(p.name))
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -103,12 +107,16 @@ def test_get_model_unknown_is_not_found(server, model, version, expected) -> Non
 
 
 @pytest.mark.parametrize("model", CLASSIFIERS)
-def test_classify_matches_onnx_runtime_for_every_input_form(server, fmnist, tiny_repository, model) -> None:
+def test_classify_matches_onnx_runtime_for_every_input_form(
+    server, fmnist, tiny_repository, model
+) -> None:
     pixels = fmnist.test_images[:6]
     (want,) = reference(tiny_repository, model, pixels, ["probabilities"])
     forms = {
         "encoded": [pb.Image(encoded=png(p)) for p in pixels],
-        "pixels": [pb.Image(pixels=pb.RawPixels(height=28, width=28, data=p.tobytes())) for p in pixels],
+        "pixels": [
+            pb.Image(pixels=pb.RawPixels(height=28, width=28, data=p.tobytes())) for p in pixels
+        ],
         "tensor": [tensor(p) for p in pixels],
     }
     for form, images in forms.items():
@@ -127,7 +135,9 @@ def test_classify_returns_requested_feature_maps(server, fmnist, tiny_repository
     pixels = fmnist.test_images[:3]
     want_c1, want_s4 = reference(tiny_repository, "lenet5", pixels, ["features.c1", "features.s4"])
     request = pb.ClassifyRequest(
-        model="lenet5", images=[pb.Image(encoded=png(p)) for p in pixels], features=["c1", "features.s4"]
+        model="lenet5",
+        images=[pb.Image(encoded=png(p)) for p in pixels],
+        features=["c1", "features.s4"],
     )
     reply = server.stub.Classify(request)
     for i, result in enumerate(reply.results):
@@ -141,7 +151,10 @@ def test_classify_returns_requested_feature_maps(server, fmnist, tiny_repository
         np.testing.assert_allclose(s4, want_s4[i], atol=1e-6)
     half = server.stub.Classify(
         pb.ClassifyRequest(
-            model="lenet5", images=request.images[:1], features=["c1"], feature_dtype=pb.DATA_TYPE_FLOAT16
+            model="lenet5",
+            images=request.images[:1],
+            features=["c1"],
+            feature_dtype=pb.DATA_TYPE_FLOAT16,
         )
     )
     feature = half.results[0].features[0]
@@ -161,7 +174,9 @@ def test_feature_maps_for_kirsch_and_for_a_classifier(server, fmnist, tiny_repos
     for i, result in enumerate(reply.results):
         edges, magnitude = result.features
         assert edges.name == "features.edges" and list(edges.shape) == [8, 28, 28]
-        np.testing.assert_allclose(np.frombuffer(edges.data, "<f4").reshape(8, 28, 28), want_edges[i], atol=1e-5)
+        np.testing.assert_allclose(
+            np.frombuffer(edges.data, "<f4").reshape(8, 28, 28), want_edges[i], atol=1e-5
+        )
         got_m = np.frombuffer(magnitude.data, "<f4").reshape(1, 28, 28)
         np.testing.assert_allclose(got_m, want_magnitude[i], atol=1e-5)
     mlp = server.stub.FeatureMaps(
@@ -179,28 +194,64 @@ def test_bad_requests_get_clear_statuses(server, fmnist) -> None:
     good = pb.Image(encoded=png(fmnist.test_images[0]))
     nan = np.full((1, 28, 28), np.nan, np.float32)
     cases = [
-        (dict(model="missing", images=[good]), grpc.StatusCode.NOT_FOUND, "model 'missing' not found"),
+        (
+            dict(model="missing", images=[good]),
+            grpc.StatusCode.NOT_FOUND,
+            "model 'missing' not found",
+        ),
         (dict(images=[good], version="7"), grpc.StatusCode.NOT_FOUND, "no version '7'"),
         (dict(images=[]), grpc.StatusCode.INVALID_ARGUMENT, "images: at least one image"),
-        (dict(images=[good, pb.Image(encoded=b"not an image")]), grpc.StatusCode.INVALID_ARGUMENT, "images[1].encoded"),
-        (dict(images=[good, good, pb.Image()]), grpc.StatusCode.INVALID_ARGUMENT, "images[2]: empty image"),
-        (dict(images=[pb.Image(encoded=png(fmnist.test_images[0])[:40])]), grpc.StatusCode.INVALID_ARGUMENT, "images[0].encoded"),
+        (
+            dict(images=[good, pb.Image(encoded=b"not an image")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images[1].encoded",
+        ),
+        (
+            dict(images=[good, good, pb.Image()]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images[2]: empty image",
+        ),
+        (
+            dict(images=[pb.Image(encoded=png(fmnist.test_images[0])[:40])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images[0].encoded",
+        ),
         (
             dict(images=[pb.Image(pixels=pb.RawPixels(height=28, width=28, data=b"\0" * 10))]),
             grpc.StatusCode.INVALID_ARGUMENT,
             "images[0].pixels",
         ),
         (
-            dict(images=[pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=nan.tobytes()))]),
+            dict(
+                images=[
+                    pb.Image(
+                        tensor=pb.Tensor(
+                            shape=[1, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=nan.tobytes()
+                        )
+                    )
+                ]
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "images[0].tensor",
         ),
         (
-            dict(images=[pb.Image(tensor=pb.Tensor(shape=[3, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=b"\0" * 9408))]),
+            dict(
+                images=[
+                    pb.Image(
+                        tensor=pb.Tensor(
+                            shape=[3, 28, 28], dtype=pb.DATA_TYPE_FLOAT32, data=b"\0" * 9408
+                        )
+                    )
+                ]
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "images[0].tensor",
         ),
-        (dict(images=[good], features=["nope"]), grpc.StatusCode.INVALID_ARGUMENT, "valid: features.c1"),
+        (
+            dict(images=[good], features=["nope"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "valid: features.c1",
+        ),
         (dict(model="kirsch", images=[good]), grpc.StatusCode.INVALID_ARGUMENT, "call FeatureMaps"),
         (dict(images=[good] * 1025), grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 1024"),
     ]
@@ -217,8 +268,14 @@ def test_bad_requests_get_clear_statuses(server, fmnist) -> None:
 def test_stream_keeps_ids_and_order_and_reports_bad_items_inline(server, fmnist) -> None:
     items = []
     for i in range(60):
-        image = pb.Image(encoded=png(fmnist.test_images[i])) if i != 17 else pb.Image(encoded=b"junk")
-        items.append(pb.ClassifyStreamRequest(id=f"item-{i}", request=pb.ClassifyRequest(model="mlp", images=[image])))
+        image = (
+            pb.Image(encoded=png(fmnist.test_images[i])) if i != 17 else pb.Image(encoded=b"junk")
+        )
+        items.append(
+            pb.ClassifyStreamRequest(
+                id=f"item-{i}", request=pb.ClassifyRequest(model="mlp", images=[image])
+            )
+        )
     replies = list(server.stub.ClassifyStream(iter(items)))
     assert [r.id for r in replies] == [f"item-{i}" for i in range(60)]
     assert replies[17].WhichOneof("result") == "error"
@@ -261,7 +318,9 @@ def test_metrics_count_the_requests_sent(server, fmnist) -> None:
 
     labels = dict(model="logreg", version="1")
     assert delta("cnnserve_requests_total", method="Classify", code="OK", **labels) == 7
-    assert delta("cnnserve_requests_total", method="Classify", code="INVALID_ARGUMENT", **labels) == 1
+    assert (
+        delta("cnnserve_requests_total", method="Classify", code="INVALID_ARGUMENT", **labels) == 1
+    )
     assert delta("cnnserve_images_total", **labels) == 14
     assert delta("cnnserve_request_duration_seconds_count", method="Classify", **labels) == 8
     assert delta("nv_inference_request_success", **labels) == 7
@@ -291,8 +350,12 @@ def test_concurrent_requests_are_batched(server, fmnist) -> None:
     assert not errors
     after = scrape(server.metrics_url)
     labels = dict(model="resnet", version="1")
-    batches = sample(after, "cnnserve_batch_size_count", **labels) - sample(before, "cnnserve_batch_size_count", **labels)
-    images = sample(after, "cnnserve_batch_size_sum", **labels) - sample(before, "cnnserve_batch_size_sum", **labels)
+    batches = sample(after, "cnnserve_batch_size_count", **labels) - sample(
+        before, "cnnserve_batch_size_count", **labels
+    )
+    images = sample(after, "cnnserve_batch_size_sum", **labels) - sample(
+        before, "cnnserve_batch_size_sum", **labels
+    )
     assert images == 160
     assert batches < images  # some batch held more than one image
     single = sample(after, "cnnserve_batch_size_bucket", le="1.0", **labels) - sample(

@@ -45,7 +45,9 @@ def test_wrap_padding_makes_convolution_exactly_shift_equivariant(fmnist, shift)
     session = _session("kirsch", padding="wrap", stride=1)
     x = _images(fmnist)
     shifted = np.roll(x, shift, axis=(2, 3))
-    for original, moved in zip(session.run(OUTPUTS, {"image": x}), session.run(OUTPUTS, {"image": shifted}), strict=True):
+    for original, moved in zip(
+        session.run(OUTPUTS, {"image": x}), session.run(OUTPUTS, {"image": shifted}), strict=True
+    ):
         np.testing.assert_array_equal(np.roll(original, shift, axis=(2, 3)), moved)
 
 
@@ -56,7 +58,9 @@ def test_other_paddings_are_equivariant_away_from_the_border(fmnist, padding: st
     x[:, :, 6:22, 6:22] = _images(fmnist, 4)[:, :, 6:22, 6:22]  # dark border, as in the data
     shifted = np.roll(x, (2, 1), axis=(2, 3))
     original, moved = (session.run(["features.edges"], {"image": v})[0] for v in (x, shifted))
-    np.testing.assert_allclose(np.roll(original, (2, 1), axis=(2, 3))[..., 3:-3, 3:-3], moved[..., 3:-3, 3:-3], atol=1e-5)
+    np.testing.assert_allclose(
+        np.roll(original, (2, 1), axis=(2, 3))[..., 3:-3, 3:-3], moved[..., 3:-3, 3:-3], atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("padding", list(PADDING_MODES))
@@ -72,9 +76,14 @@ def test_same_padding_keeps_28x28_and_stride_2_halves_it(fmnist, padding: str) -
 
 def test_padding_modes_differ_only_at_the_border(fmnist) -> None:
     x = _images(fmnist, 2) + 0.1  # a non-zero border makes the modes disagree
-    maps = {p: _session("kirsch", padding=p).run(["features.edges"], {"image": x})[0] for p in PADDING_MODES}
+    maps = {
+        p: _session("kirsch", padding=p).run(["features.edges"], {"image": x})[0]
+        for p in PADDING_MODES
+    }
     for p in PADDING_MODES:
-        np.testing.assert_allclose(maps[p][..., 1:-1, 1:-1], maps["constant"][..., 1:-1, 1:-1], atol=1e-5)
+        np.testing.assert_allclose(
+            maps[p][..., 1:-1, 1:-1], maps["constant"][..., 1:-1, 1:-1], atol=1e-5
+        )
         if p != "constant":
             assert not np.allclose(maps[p], maps["constant"])
 

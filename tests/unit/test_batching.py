@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, BatchPolicy
-from service.errors import DeadlineExceeded, InferenceFailed, Overloaded, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidArgument,
+    Overloaded,
+    Unavailable,
+)
 
 
 class Recorder:
@@ -175,3 +181,42 @@ def test_close_finishes_accepted_requests_then_refuses_new_ones() -> None:
     results = run(main())
     assert [r["sum"][0, 0] for r in results] == [784.0 * i for i in range(6)]
     assert sum(recorder.batches) == 6
+
+
+def test_higher_priority_requests_are_taken_from_the_queue_first() -> None:
+    """Triton's semantics: 1 is the highest level, then 2; 0 (the default) comes last."""
+    order: list[float] = []
+    recorder = Recorder()
+
+    def run_and_record(batch: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        result = recorder(batch, outputs)
+        order.extend(float(image[0, 0, 0]) for image in batch)
+        return result
+
+    async def main():
+        recorder.release.clear()
+        executor = ThreadPoolExecutor(2)
+        batcher = Batcher("m", "1", run_and_record, BatchPolicy(max_batch_size=1), executor)
+        batcher.start()
+        running = batcher.submit(images(1, 0), ["sum"])  # holds the collector
+        await asyncio.to_thread(recorder.started.wait, 5)
+        queued = [
+            batcher.submit(images(1, 1), ["sum"]),  # default: after every explicit level
+            batcher.submit(images(1, 2), ["sum"], priority=2),
+            batcher.submit(images(1, 3), ["sum"], priority=0),
+            batcher.submit(images(1, 4), ["sum"], priority=1),
+            batcher.submit(images(1, 5), ["sum"], priority=2),
+            batcher.submit(images(1, 6), ["sum"], priority=1),
+        ]
+        with pytest.raises(InvalidArgument, match="priority must be >= 0"):
+            batcher.submit(images(1, 7), ["sum"], priority=-1)
+        assert batcher.queued_images == 6
+        recorder.release.set()
+        results = await asyncio.gather(running, *queued)
+        await batcher.close()
+        return results
+
+    results = run(main())
+    # Within a level, arrival order; every request still gets its own answer.
+    assert order == [0, 4, 6, 2, 5, 1, 3]
+    assert [r["sum"][0, 0] for r in results] == [784.0 * i for i in range(7)]

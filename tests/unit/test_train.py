@@ -27,7 +27,9 @@ def test_default_recipe_lowers_the_loss_on_a_subset(name: str, fmnist) -> None:
     model = create_model(name)
     before = _subset_loss(model, fmnist)
     recipe = get_entry(name).recipe.override(epochs=3)
-    result = training.train(model, fmnist, recipe, train_limit=SUBSET, test_limit=500, progress=False)
+    result = training.train(
+        model, fmnist, recipe, train_limit=SUBSET, test_limit=500, progress=False
+    )
     after = _subset_loss(model, fmnist)
     assert after < 0.9 * before, f"{name}: loss {before:.3f} -> {after:.3f}"
     assert result.steps == 3 * -(-SUBSET // recipe.batch_size)
@@ -46,6 +48,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, fmnist, monkeypat
     recipe = get_entry("mlp").recipe.override(epochs=3)
     kwargs = {"train_limit": 600, "test_limit": 200, "progress": False, "seed": 7}
 
+    torch.manual_seed(7)
     uninterrupted = create_model("mlp")
     training.train(uninterrupted, fmnist, recipe, **kwargs)
 
@@ -57,6 +60,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, fmnist, monkeypat
         raise KeyboardInterrupt  # as if the machine went away after the first epoch
 
     monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    torch.manual_seed(7)
     with pytest.raises(KeyboardInterrupt):
         training.train(create_model("mlp"), fmnist, recipe, checkpoint=checkpoint, **kwargs)
     monkeypatch.setattr(training, "_save_checkpoint", saved)

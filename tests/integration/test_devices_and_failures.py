@@ -1,0 +1,82 @@
+"""Execution providers are reported, never assumed; a broken model fails alone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+import pytest
+
+from service.proto import cnnserve_pb2 as pb
+from service.runtime import CUDA, LoadError, ModelRuntime, RuntimeOptions, parse_device
+from tests.integration.conftest import start_server
+
+HAS_CUDA = CUDA in ort.get_available_providers()
+
+
+def _copy(tiny_repository: Path, tmp_path: Path, *names: str) -> Path:
+    root = tmp_path / "models"
+    for name in names:
+        shutil.copytree(tiny_repository / name, root / name)
+    return root
+
+
+def test_device_names_are_checked() -> None:
+    assert parse_device("cuda:1") == ("cuda", 1)
+    assert parse_device("auto") == ("auto", 0)
+    for bad in ["gpu", "cuda:x", "cpu:0", ""]:
+        with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
+            parse_device(bad)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour where CUDA is missing")
+def test_asking_for_cuda_without_it_fails_loudly(tiny_repository: Path) -> None:
+    path = tiny_repository / "lenet5" / "1" / "model.onnx"
+    with pytest.raises(LoadError, match="no CUDAExecutionProvider"):
+        ModelRuntime(path, RuntimeOptions(device="cuda"))
+    assert ModelRuntime(path, RuntimeOptions(device="auto")).provider == "CPUExecutionProvider"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_provider_serves_and_is_reported(
+    tiny_repository: Path, tmp_path: Path, fmnist
+) -> None:
+    running = start_server(_copy(tiny_repository, tmp_path, "lenet5", "resnet"), device="cuda")
+    try:
+        for info in running.stub.ListModels(pb.ListModelsRequest()).models:
+            assert info.execution_provider == CUDA, info.name
+        image = pb.Image(
+            pixels=pb.RawPixels(height=28, width=28, data=fmnist.test_images[0].tobytes())
+        )
+        reply = running.stub.Classify(
+            pb.ClassifyRequest(model="resnet", images=[image] * 8, features=["layer1"])
+        )
+        assert len(reply.results) == 8 and reply.results[0].features[0].name == "features.layer1"
+    finally:
+        running.stop()
+
+
+def test_a_corrupt_model_is_reported_failed_and_the_others_serve(
+    tiny_repository: Path, tmp_path: Path, fmnist
+) -> None:
+    root = _copy(tiny_repository, tmp_path, "lenet5", "mlp")
+    (root / "mlp" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    running = start_server(root)
+    try:
+        info = running.stub.GetModel(pb.GetModelRequest(model="mlp"))
+        assert info.state == pb.MODEL_STATE_FAILED
+        assert "could not load model.onnx" in info.state_reason
+        image = pb.Image(
+            pixels=pb.RawPixels(height=28, width=28, data=fmnist.test_images[0].tobytes())
+        )
+        with pytest.raises(grpc.RpcError) as raised:
+            running.stub.Classify(pb.ClassifyRequest(model="mlp", images=[image]))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "failed" in raised.value.details()
+        reply = running.stub.Classify(pb.ClassifyRequest(model="lenet5", images=[image]))
+        assert len(reply.results) == 1
+    finally:
+        running.stop()
