@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch exactly 2.13.0: a looser spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[export,test]"
+	$(BIN)/pip install --quiet -e ".[export,test,score]"
 	@$(MAKE) --no-print-directory dataset
 	@touch $(STAMP)
 
@@ -69,12 +69,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check export service tests bench
-	$(BIN)/ruff format --check export service tests bench
+	$(BIN)/ruff check export service tests bench deploy
+	$(BIN)/ruff format --check export service tests bench deploy
 
 format: setup
-	$(BIN)/ruff format export service tests bench
-	$(BIN)/ruff check --fix export service tests bench
+	$(BIN)/ruff format export service tests bench deploy
+	$(BIN)/ruff check --fix export service tests bench deploy
 
 # Regenerate the committed gRPC code after editing protos/ (tests/unit/test_protos.py checks it).
 protos: setup

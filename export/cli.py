@@ -208,13 +208,27 @@ def list_repository(root: Path) -> str:
 
 
 def _list_family() -> str:
+    """Every member at its default size, with parameters and MFLOPs measured on the network."""
+    from export.complexity import count_params, mflops_per_image
+    from export.registry import create_model
+
     rows = []
     for name in list_models():
-        recipe = get_entry(name).recipe
+        entry = get_entry(name)
+        model = create_model(name)
         rows.append(
-            [name, str(recipe.epochs), recipe.optimizer, recipe.schedule, get_entry(name).summary]
+            [
+                name,
+                f"{count_params(model):,}",
+                f"{mflops_per_image(model):.2f}",
+                ", ".join(model.stage_names) or "-",
+                str(entry.recipe.epochs),
+                entry.recipe.optimizer if entry.recipe.trainable else "-",
+                entry.summary,
+            ]
         )
-    return _format_table(rows, ["model", "epochs", "optimizer", "schedule", "summary"])
+    header = ["model", "params", "MFLOPs", "stages", "epochs", "optimizer", "summary"]
+    return _format_table(rows, header)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,7 @@ def build_config(
             "python": platform.python_version(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         },
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 

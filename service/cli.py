@@ -1,4 +1,5 @@
-"""`cnnserve`: run the service (`serve`) and talk to a running one (`classify`, `models`).
+"""`cnnserve`: run the service (`serve`) and talk to a running one (`classify`, `models`,
+`score`).
 
 Never imports torch or `export`: this is the whole serving install.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from service import config
+from service.scoring import command as scoring_command
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 
@@ -72,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
 
+    score = commands.add_parser(
+        "score",
+        help="batch-score a folder, IDX file, array or manifest with a running service",
+        description="Stream every image of INPUT through ClassifyStream and write one row per "
+        "image to --output (.csv, .jsonl or .parquet), in input order; with labels, print the "
+        "accuracy and save the confusion matrix as <output>.confusion.png.",
+    )
+    scoring_command.add_arguments(score)
+
     models = commands.add_parser("models", help="list the models a running service serves")
     models.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
     models.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "score":
+        return scoring_command.run(args)
     from service import client
 
     try:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ENV_PREFIX = "CNNSERVE_"
 MiB = 1024 * 1024

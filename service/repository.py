@@ -291,14 +291,19 @@ class ModelRepository:
     # Lookups ------------------------------------------------------------------------------
 
     def find(self, name: str, version: str = "") -> ModelVersion:
-        """The named version, or the newest; NOT_FOUND names what exists."""
+        """The named version, or else the newest ready one (the newest if none is ready).
+
+        So while a new version loads, or after it failed to, the one before keeps serving.
+        NOT_FOUND names what exists.
+        """
         if name not in self.models:
             shown = name if len(name) <= 80 else name[:80] + "..."
             known = ", ".join(sorted(self.models)) or "none"
             raise NotFound(f"model {shown!r} not found; available: {known}")
         versions = self.models[name]
         if not version:
-            return self.newest(name)
+            ready = [v for v in versions.values() if v.state is State.READY]
+            return max(ready, key=lambda v: _version_key(v.version)) if ready else self.newest(name)
         key = version.strip()
         if key.isdigit():
             key = str(int(key))
@@ -320,9 +325,9 @@ class ModelRepository:
         return entry
 
     def all_ready(self) -> bool:
-        """Every model is serving its newest version, except those unloaded on request."""
+        """Every model is serving a version, except those unloaded on request."""
         return all(
-            self.newest(name).state is State.READY
+            self.find(name).state is State.READY
             for name in self.models
             if name not in self.unloaded_on_request
         )

@@ -1,4 +1,4 @@
-"""The gRPC server: our API, health checking and reflection on one port; metrics on another.
+"""The gRPC server: both APIs, health checking and reflection on one port; metrics on another.
 
 Start-up: scan the repository, open the port (health says NOT_SERVING while models load), load
 models one at a time, then report SERVING overall and per model. Shutdown (SIGTERM/SIGINT):
@@ -19,7 +19,8 @@ from grpc_reflection.v1alpha import reflection
 
 from service import metrics
 from service.config import MiB, Settings
-from service.proto import cnnserve_pb2, cnnserve_pb2_grpc
+from service.oip import OipServicer
+from service.proto import cnnserve_pb2, cnnserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.repository import BatchOverrides, ModelRepository, ModelVersion, State
 from service.runtime import RuntimeOptions
 from service.servicer import InferenceServicer
@@ -27,6 +28,7 @@ from service.servicer import InferenceServicer
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = cnnserve_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+OIP_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -74,13 +76,16 @@ class Server:
         self._stopping = False
 
     def _model_changed(self, entry: ModelVersion) -> None:
-        newest = self.repository.newest(entry.name) is entry
-        if newest and not self._stopping:
-            status = SERVING if entry.state is State.READY else NOT_SERVING
-            asyncio.get_running_loop().create_task(self.health.set(entry.name, status))
+        """A model is SERVING while any of its versions is ready (an old one during a reload)."""
+        if self._stopping:
+            return
+        versions = self.repository.models.get(entry.name, {}).values()
+        ready = any(v.state is State.READY for v in versions)
+        status = SERVING if ready else NOT_SERVING
+        asyncio.get_running_loop().create_task(self.health.set(entry.name, status))
 
     def _services(self) -> list[str]:
-        return [INFERENCE_SERVICE]
+        return [INFERENCE_SERVICE, OIP_SERVICE]
 
     async def start(self) -> None:
         """Open the port and load the models; returns once every model is ready or failed."""
@@ -88,6 +93,9 @@ class Server:
         server = grpc.aio.server(options=grpc_options(self.settings))
         cnnserve_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.repository, self.settings), server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OipServicer(self.repository, self.settings), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PATHS = ["export", "service", "tests", "bench"]
+PATHS = ["export", "service", "tests", "bench", "deploy"]
 
 
 def _ruff() -> list[str]:
