@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch exactly 2.13.0: a looser spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[export,test,score]"
+	$(BIN)/pip install --quiet -e ".[export,test,score,ray]"
 	@$(MAKE) --no-print-directory dataset
 	@touch $(STAMP)
 

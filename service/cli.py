@@ -1,5 +1,5 @@
 """`cnnserve`: run the service (`serve`) and talk to a running one (`classify`, `models`,
-`score`).
+`score`, `show`).
 
 Never imports torch or `export`: this is the whole serving install.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from service import config
+from service.pictures import command as pictures_command
 from service.scoring import command as scoring_command
 
 DEFAULT_SERVER = "127.0.0.1:8001"
@@ -83,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scoring_command.add_arguments(score)
 
+    show = commands.add_parser(
+        "show",
+        help="draw feature maps, first-layer weights, Kirsch edges or shift equivariance as PNGs",
+        description="Pictures of what the networks see, written as PNG files into --output: "
+        "green positive, red negative, black zero, one symmetric scale per layer.",
+    )
+    pictures_command.add_arguments(show)
+
     models = commands.add_parser("models", help="list the models a running service serves")
     models.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
     models.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "score":
         return scoring_command.run(args)
+    if args.command == "show":
+        return pictures_command.run(args)
     from service import client
 
     try:
