@@ -20,7 +20,6 @@ deadline or `timeout` that passes while the request waits is DEADLINE_EXCEEDED, 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -50,7 +49,7 @@ from service.proto import grpc_service_pb2 as pb
 from service.proto import grpc_service_pb2_grpc as pb_grpc
 from service.repository import ModelRepository, ModelVersion, State
 from service.runtime import CUDA
-from service.servicer import STREAM_WINDOW, deadline_of
+from service.servicer import STREAM_WINDOW, deadline_of, observed
 
 SERVER_NAME = "cnnserve"
 PLATFORM = "onnxruntime_onnx"
@@ -89,15 +88,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.max_images = settings.max_images_per_request
-
-    def _label(self, name: str, version: str) -> tuple[str, str]:
-        """Metric labels: only names the repository knows, so clients cannot grow the series."""
-        if name in self.repository.models:
-            try:
-                return name, self.repository.find(name, version).version
-            except ServiceError:
-                return name, ""
-        return "", ""
 
     def _described(self, name: str, version: str) -> ModelVersion:
         """A version whose model.json was read: metadata needs no loaded session."""
@@ -320,24 +310,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, method: str, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         """`_infer`, counted in the metrics under `method` with its status; errors propagate."""
-        started = time.perf_counter()
-        model, version = self._label(request.model_name, request.model_version)
-        code = grpc.StatusCode.OK
-        try:
-            with metrics.track_inflight(model, version):
-                return await self._infer(request, context)
-        except ServiceError as error:
-            code = error.code
-            raise
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            raise
-        finally:
-            seconds = time.perf_counter() - started
-            metrics.observe_request(model, version, method, code.name, seconds)
+        labels = self.repository.metric_labels(request.model_name, request.model_version)
+        with observed(method, *labels):
+            return await self._infer(request, context)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext

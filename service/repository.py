@@ -324,6 +324,15 @@ class ModelRepository:
             )
         return entry
 
+    def metric_labels(self, name: str, version: str) -> tuple[str, str]:
+        """Labels for a call: only names the repository knows, so clients cannot grow the series."""
+        if name not in self.models:
+            return "", ""
+        try:
+            return name, self.find(name, version).version
+        except NotFound:
+            return name, ""
+
     def all_ready(self) -> bool:
         """Every model is serving a version, except those unloaded on request."""
         return all(

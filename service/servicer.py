@@ -8,8 +8,9 @@ status in one place (`errors.status_of`), with a message naming the field and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -50,6 +51,27 @@ STATES = {
     State.FAILED: pb.MODEL_STATE_FAILED,
     State.UNLOADED: pb.MODEL_STATE_UNLOADED,
 }
+
+
+@contextlib.contextmanager
+def observed(method: str, model: str, version: str) -> Iterator[None]:
+    """Count a call in the metrics under its final status and duration; errors propagate."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        with metrics.track_inflight(model, version):
+            yield
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except ServiceError as error:
+        code = error.code
+        raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        raise
+    finally:
+        metrics.observe_request(model, version, method, code.name, time.perf_counter() - started)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -159,31 +181,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.repository = repository
         self.images = Images(settings)
 
-    def _label(self, name: str, version: str) -> tuple[str, str]:
-        """Metric labels: only names the repository knows, so clients cannot grow the series."""
-        if name in self.repository.models:
-            try:
-                return name, self.repository.find(name, version).version
-            except ServiceError:
-                return name, ""
-        return "", ""
-
     async def _observed(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, call: Handler
     ) -> Any:
-        started = time.perf_counter()
-        model, version = self._label(request.model, request.version)
-        code = grpc.StatusCode.OK
+        labels = self.repository.metric_labels(request.model, request.version)
         try:
-            with metrics.track_inflight(model, version):
+            with observed(method, *labels):
                 return await call(request, context)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status
-            code, message = status_of(error)
-            await context.abort(code, message)
-        finally:
-            metrics.observe_request(
-                model, version, method, code.name, time.perf_counter() - started
-            )
+            await context.abort(*status_of(error))
 
     # Classify -----------------------------------------------------------------------------
 
@@ -238,20 +244,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         pending: asyncio.Queue[tuple[str, asyncio.Task[Any]] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def one(item: pb.ClassifyStreamRequest) -> pb.ClassifyStreamResponse:
-            started = time.perf_counter()
-            model, version = self._label(item.request.model, item.request.version)
+            labels = self.repository.metric_labels(item.request.model, item.request.version)
             try:
-                response = await self._classify(item.request, context)
-                code = grpc.StatusCode.OK
+                with observed("ClassifyStream", *labels):
+                    response = await self._classify(item.request, context)
                 return pb.ClassifyStreamResponse(id=item.id, response=response)
             except Exception as error:  # noqa: BLE001 - reported on the item, stream goes on
                 code, message = status_of(error)
                 return pb.ClassifyStreamResponse(
                     id=item.id, error=pb.Error(code=code.value[0], message=message)
                 )
-            finally:
-                seconds = time.perf_counter() - started
-                metrics.observe_request(model, version, "ClassifyStream", code.name, seconds)
 
         async def read() -> None:
             try:
