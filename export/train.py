@@ -78,12 +78,18 @@ def augment(x: Tensor, recipe: Recipe, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor, device: str) -> float:
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    device: str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> float:
     """Top-1 accuracy over the given images (uint8 N x 28 x 28)."""
     model.eval()
     correct = 0
     for start in range(0, len(images), EVAL_BATCH):
-        x = to_pixels(images[start : start + EVAL_BATCH]).to(device)
+        x = to_pixels(images[start : start + EVAL_BATCH]).to(device, memory_format=memory_format)
         y = labels[start : start + EVAL_BATCH].to(device)
         correct += int((model(x).argmax(1) == y).sum())
     return correct / len(images)
@@ -161,7 +167,8 @@ def train(
     labels = torch.tensor(data.train_labels[:train_limit]).long()
     test_images = torch.tensor(data.test_images[:test_limit])
     test_labels = torch.tensor(data.test_labels[:test_limit]).long()
-    model.to(device)
+    layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout)
 
     if not recipe.trainable:
         return TrainResult(None, 0, 0, 0.0, 0.0, device)
@@ -207,7 +214,8 @@ def train(
         )
         for batch_index in bar:
             index = order[batch_index * recipe.batch_size : (batch_index + 1) * recipe.batch_size]
-            x = augment(to_pixels(images[index]), recipe, generator).to(device)
+            x = augment(to_pixels(images[index]), recipe, generator)
+            x = x.to(device, memory_format=layout)
             y = labels[index].to(device)
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -225,7 +233,7 @@ def train(
             )
         bar.close()
         elapsed += time.perf_counter() - started
-        test_accuracy = evaluate(model, test_images, test_labels, device)
+        test_accuracy = evaluate(model, test_images, test_labels, device, layout)
         history.append(
             EpochRecord(
                 epoch + 1,
@@ -249,8 +257,11 @@ def train(
 
     model.eval()
     accuracy = (
-        history[-1].test_accuracy if history else evaluate(model, test_images, test_labels, device)
+        history[-1].test_accuracy
+        if history
+        else evaluate(model, test_images, test_labels, device, layout)
     )
+    model.to(memory_format=torch.contiguous_format)  # export and checkpoints see plain NCHW
     images_seen = min(step * recipe.batch_size, total_steps * recipe.batch_size)
     return TrainResult(
         test_accuracy=accuracy,
