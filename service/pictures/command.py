@@ -12,8 +12,6 @@ repository's `model.onnx` on disk, so no server is needed for them.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +19,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service import preprocess
 from service.pictures import render, shift
+from service.pictures.sources import DEFAULT_IDX, ImageError, Source, load_image
 from service.pictures.weights import WeightsError, first_layer, model_folder, read_config
 from service.proto import cnnserve_pb2 as pb
 from service.proto import cnnserve_pb2_grpc as pb_grpc
-from service.scoring.inputs import InputError, idx_labels_path, read_idx
 
 DEFAULT_SERVER = "127.0.0.1:8001"
-DEFAULT_IDX = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-IDX_NAME = "t10k-images-idx3-ubyte"
-FMNIST_LABELS = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 # The Kirsch model's channel order (export/models/kirsch.py): channel i answers an edge whose
 # bright side faces DIRECTIONS[i].
 DIRECTIONS = ("N", "NE", "E", "SE", "S", "SW", "W", "NW")
@@ -153,75 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(moved)
 
 
-# Images --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Source:
-    """The model input made from IMAGE: 28 x 28 float32 in [0, 1], and names for it."""
-
-    pixels: np.ndarray
-    tag: str  # for file names: fmnist-00042 or the file's stem
-    label: str | None = None  # the true class, when known
-
-
-def _idx_path(given: Path | None) -> Path:
-    if given is not None:
-        return given
-    folders = [Path(os.environ["FMNIST_DIR"])] if os.environ.get("FMNIST_DIR") else []
-    folders.append(DEFAULT_IDX.parent)
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    folders.append((Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "cnnserve")
-    folders[-1] /= "fashion-mnist"
-    for folder in folders:
-        for name in (IDX_NAME, IDX_NAME + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    raise ShowError(
-        f"fmnist:N needs the Fashion-MNIST test images; none in {', '.join(map(str, folders))} "
-        "(pass --idx PATH)"
-    )
-
-
-def load_image(spec: str, invert: str = "auto", idx: Path | None = None) -> Source:
-    """IMAGE as the model's input; a bad IMAGE is a one-line ShowError."""
-    mode = preprocess.Invert(invert)
-    if spec.startswith("fmnist:"):
-        number = spec.removeprefix("fmnist:")
-        if not number.isdigit():
-            raise ShowError(
-                f"bad IMAGE {spec!r}: fmnist:N takes a test image number, e.g. fmnist:0"
-            )
-        path = _idx_path(idx)
-        try:
-            images = read_idx(path)
-        except (InputError, OSError) as error:
-            raise ShowError(f"bad IMAGE {spec!r}: {error}") from None
-        index = int(number)
-        if images.ndim != 3 or index >= len(images):
-            raise ShowError(f"bad IMAGE {spec!r}: {path} holds images 0 to {len(images) - 1}")
-        image = np.ascontiguousarray(images[index])
-        pixels = preprocess.from_pixels(*image.shape, image.tobytes(), mode)
-        label = None
-        labels_path = idx_labels_path(path)
-        if labels_path is not None:
-            try:
-                labels = read_idx(labels_path)
-                label = FMNIST_LABELS[int(labels[index])] if index < len(labels) else None
-            except (InputError, OSError, IndexError):
-                label = None
-        return Source(pixels[0], f"fmnist-{index:05d}", label)
-    path = Path(spec)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ShowError(f"bad IMAGE {spec!r}: {error.strerror or error}") from None
-    try:
-        pixels = preprocess.from_encoded(data, mode)
-    except preprocess.InvalidImage as error:
-        raise ShowError(f"bad IMAGE {spec!r}: {error}") from None
-    tag = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-") or "image"
-    return Source(pixels[0], tag)
+# The service ---------------------------------------------------------------------------------
 
 
 def as_tensor(pixels: np.ndarray) -> pb.Image:
@@ -229,9 +152,6 @@ def as_tensor(pixels: np.ndarray) -> pb.Image:
     return pb.Image(
         tensor=pb.Tensor(shape=[1, *pixels.shape], dtype=pb.DATA_TYPE_FLOAT32, data=data)
     )
-
-
-# The service ---------------------------------------------------------------------------------
 
 
 def stage_of(name: str) -> str:
@@ -301,8 +221,10 @@ def ask(
     ]
 
 
-def _connect(args: argparse.Namespace, name: str) -> tuple[pb_grpc.InferenceStub, pb.ModelInfo]:
-    stub = pb_grpc.InferenceStub(grpc.insecure_channel(args.server))
+def _connect(
+    channel: grpc.Channel, args: argparse.Namespace, name: str
+) -> tuple[pb_grpc.InferenceStub, pb.ModelInfo]:
+    stub = pb_grpc.InferenceStub(channel)
     model = stub.GetModel(
         pb.GetModelRequest(model=name, version=args.version), timeout=args.timeout
     )
@@ -370,9 +292,10 @@ def input_picture(source: Source) -> render.Picture:
 
 def show_features(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    stub, model = _connect(args, args.model)
-    stages = choose_stages(model, args.layers)
-    [answer] = ask(stub, model, [source.pixels], stages, args.timeout)
+    with grpc.insecure_channel(args.server) as channel:
+        stub, model = _connect(channel, args, args.model)
+        stages = choose_stages(model, args.layers)
+        [answer] = ask(stub, model, [source.pixels], stages, args.timeout)
     _save(input_picture(source), args.output, f"{source.tag}-input.png")
     for stage in stages:
         maps = answer.maps[stage]
@@ -412,15 +335,16 @@ def show_weights(args: argparse.Namespace) -> int:
 
 def show_kirsch(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    stub, model = _connect(args, args.model)
-    stages = {stage_of(f.name): list(f.shape) for f in model.features}
-    edges = stages.get("edges")
-    if not edges or edges[0] != len(DIRECTIONS) or "magnitude" not in stages:
-        raise ShowError(
-            f"{model.name} is not a Kirsch edge model: it needs stages `edges` (8 maps) and "
-            f"`magnitude`; it has {', '.join(stages) or 'none'}"
-        )
-    [answer] = ask(stub, model, [source.pixels], ["edges", "magnitude"], args.timeout)
+    with grpc.insecure_channel(args.server) as channel:
+        stub, model = _connect(channel, args, args.model)
+        stages = {stage_of(f.name): list(f.shape) for f in model.features}
+        edges = stages.get("edges")
+        if not edges or edges[0] != len(DIRECTIONS) or "magnitude" not in stages:
+            raise ShowError(
+                f"{model.name} is not a Kirsch edge model: it needs stages `edges` (8 maps) and "
+                f"`magnitude`; it has {', '.join(stages) or 'none'}"
+            )
+        [answer] = ask(stub, model, [source.pixels], ["edges", "magnitude"], args.timeout)
     maps = np.concatenate([answer.maps["edges"], answer.maps["magnitude"]])
     scale = render.choose_scale(args.scale, maps)
     cells = render.map_cells(maps, scale, [*DIRECTIONS, "magnitude"])
@@ -446,10 +370,13 @@ def show_kirsch(args: argparse.Namespace) -> int:
 
 def show_shift(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    stub, model = _connect(args, args.model)
-    [stage] = choose_stages(model, args.layer)
-    moved = shift.shift(source.pixels, args.dx, args.dy, args.shift)
-    first, second = ask(stub, model, [source.pixels, moved], [stage], args.timeout)
+    with grpc.insecure_channel(args.server) as channel:
+        stub, model = _connect(channel, args, args.model)
+        if "," in args.layer or args.layer.strip() == "all":
+            raise ShowError(f"--layer takes one stage, got {args.layer!r}")
+        [stage] = choose_stages(model, args.layer)
+        moved = shift.shift(source.pixels, args.dx, args.dy, args.shift)
+        first, second = ask(stub, model, [source.pixels, moved], [stage], args.timeout)
     result = shift.compare(
         first.maps[stage], second.maps[stage], args.dx, args.dy, args.shift, source.pixels.shape
     )
@@ -458,11 +385,18 @@ def show_shift(args: argparse.Namespace) -> int:
     info = {"model": model.name, "version": model.version, "layer": stage, "dx": args.dx}
     info |= {"dy": args.dy, "shift": args.shift, "relative_difference": result.relative}
     picture = shift.picture(
-        title, subtitle, info, source.pixels, moved, result, max(1, args.max_channels), args.scale
+        title,
+        subtitle,
+        info,
+        source.pixels,
+        moved,
+        result,
+        max(1, args.max_channels),
+        args.scale,
     )
     name = f"{source.tag}-{model.name}-{stage}-shift-dx{args.dx}-dy{args.dy}.png"
     _save(picture, args.output, name)
-    print(f"{model.name} {stage}: relative difference {result.relative:.6f} ({result.note})")
+    print(f"{model.name} {stage}: relative difference {result.relative:.3g} ({result.note})")
     return 0
 
 
@@ -478,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one mode; anything the user can fix is one line on stderr and exit status 1."""
     try:
         return MODES[args.mode](args)
-    except (ShowError, WeightsError) as error:
+    except (ShowError, ImageError, WeightsError) as error:
         print(f"cnnserve show {args.mode}: {error}", file=sys.stderr)
     except grpc.RpcError as error:
         print(f"cnnserve show {args.mode}: {error.code().name}: {error.details()}", file=sys.stderr)

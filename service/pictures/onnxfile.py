@@ -189,13 +189,21 @@ def _value_info(data: memoryview) -> tuple[str, list[int]]:
         if number == 1:
             name = _text(value)
         elif number == 2:  # TypeProto.tensor_type (1) -> shape (2) -> dim (1) -> dim_value (1)
-            for n, _, tensor_type in fields(value):
-                for m, _, shape in fields(tensor_type) if n == 1 else ():
-                    for k, _, dim in fields(shape) if m == 2 else ():
-                        if k == 1:
-                            values = [v for d, _, v in fields(dim) if d == 1]
-                            dims.append(_int64(values[0]) if values else 0)
+            for shape in _submessages(value, 1, 2):
+                for dim in _submessages(shape, 1):
+                    values = [v for d, _, v in fields(dim) if d == 1]
+                    dims.append(_int64(values[0]) if values else 0)
     return name, dims
+
+
+def _submessages(data: memoryview, *path: int) -> Iterator[memoryview]:
+    """The messages at a path of field numbers below `data` (each step may repeat)."""
+    for number, wire, value in fields(data):
+        if number == path[0] and wire == 2:
+            if len(path) == 1:
+                yield value
+            else:
+                yield from _submessages(value, *path[1:])
 
 
 @dataclass
@@ -224,6 +232,6 @@ def read_graph(path: Path) -> Graph:
                 initializers[tensor.name] = tensor
             elif number == 11:
                 inputs.append(_value_info(value))
-    except (OnnxFileError, AttributeError, IndexError, TypeError) as error:
+    except (ValueError, AttributeError, IndexError, TypeError, OverflowError) as error:
         raise OnnxFileError(f"{path}: not a readable ONNX model ({error})") from None
     return Graph(inputs, nodes, initializers)

@@ -185,7 +185,7 @@ class Picture:
     def save(self, path: Path) -> None:
         text = PngInfo()
         text.add_text(TEXT_KEY, json.dumps(self.info))
-        self.image.save(path, pnginfo=text, optimize=True)
+        self.image.save(path, pnginfo=text)
 
 
 def read_info(path: Path) -> dict[str, Any]:

@@ -119,12 +119,13 @@ def picture(
     scale = render.choose_scale(scale_spec, result.original, result.shifted)
     spatial = result.original.ndim == 3 and result.original.shape[1] * result.original.shape[2] > 1
     caption = "shifted back - original" if spatial else "shifted - original"
-    captions = ("original", "shifted", f"{caption}: relative difference {result.relative:.4f}")
+    captions = ("original", "shifted", f"{caption}: relative difference {result.relative:.3g}")
     if spatial:
         count = min(max_channels, len(result.original))
         arrays = [result.original[:count], result.shifted[:count], result.difference[:count]]
         height, width = arrays[0].shape[1:]
-        factor = render.zoom_for(height, width)
+        factor = render.zoom_for(height, width, 3 * count)
+        size = factor * max(height, width)
         blank = [""] * count
         cells = [
             render.map_cells(a, scale, None if i == 0 else blank, factor)
@@ -133,11 +134,12 @@ def picture(
         if count < len(result.original):
             subtitle = [*subtitle, f"channels 0 to {count - 1} of {len(result.original)} drawn"]
     else:
+        size = 112
         cells = [
             [render.bar_chart(a.reshape(-1), scale)]
             for a in (result.original, result.shifted, result.difference)
         ]
-    firsts = [render.input_cell(image, ""), render.input_cell(moved, ""), None]
+    firsts = [render.input_cell(image, "", size), render.input_cell(moved, "", size), None]
     rows = [
         render.Row([first, *row], caption)
         for first, row, caption in zip(firsts, cells, captions, strict=True)

@@ -8,7 +8,8 @@ Weights come back one row per unit: Gemm's B is [out, in] when transB=1 (torch's
 unit's input vector is reshaped to the model's input image (1 x 28 x 28), so a `logreg` class
 or an `mlp` hidden unit becomes the 28 x 28 picture of what it looks for.
 
-The `onnx` package reads the file (a base dependency for this: no other reader is as robust).
+The file is read by `onnxfile`, a small reader of the protobuf wire format: the serving
+install has no `onnx` package, and this needs only the graph's nodes and constant tensors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
+
+from service.pictures.onnxfile import Node, OnnxFileError, Tensor, read_graph
 
 FIRST_LAYER_OPS = ("Gemm", "MatMul", "Conv")
 
@@ -91,64 +93,49 @@ def read_config(folder: Path) -> dict[str, Any]:
 def first_layer(path: Path) -> FirstLayer:
     """The first Gemm/MatMul/Conv reachable from the graph's input, and its weight."""
     try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:  # pragma: no cover - a base dependency
-        raise WeightsError("reading weights needs the `onnx` package: pip install onnx") from None
-    try:
-        model = onnx.load(str(path))
-    except OSError as error:
-        raise WeightsError(f"{path}: {error.strerror or error}") from None
-    except (DecodeError, ValueError) as error:
-        raise WeightsError(f"{path}: not a readable ONNX model ({error})") from None
-    graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    constants[node.output[0]] = attribute.t
-    inputs = [i for i in graph.input if i.name not in constants]
+        graph = read_graph(path)
+    except OnnxFileError as error:
+        raise WeightsError(str(error)) from None
+    constants = dict(graph.initializers)
+    for node in graph.nodes:
+        if node.op_type == "Constant" and "value" in node.tensors:
+            constants[node.outputs[0]] = node.tensors["value"]
+    inputs = [(name, dims) for name, dims in graph.inputs if name not in constants]
     if not inputs:
         raise WeightsError(f"{path}: the graph has no input")
-    graph_input = next((i for i in inputs if i.name == "image"), inputs[0])
-    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    input_shape = tuple(int(d) for d in dims[1:]) or (1, 28, 28)
+    name, dims = next((i for i in inputs if i[0] == "image"), inputs[0])
+    input_shape = tuple(dims[1:]) or (1, 28, 28)
 
-    reached = {graph_input.name}
-    for node in graph.node:  # ONNX keeps nodes in topological order
-        data = [name for name in node.input if name in reached]
+    reached = {name}
+    for node in graph.nodes:  # ONNX keeps nodes in topological order
+        data = [n for n in node.inputs if n in reached]
         if not data:
             continue
         if node.op_type in FIRST_LAYER_OPS:
-            units = _units(node, data[0], constants, numpy_helper)
+            units = _units(node, data[0], constants, path.parent)
             return FirstLayer(
-                node.op_type,
-                node.name,
-                node.input[1],
-                units,
-                node.output[0],
-                input_shape,
+                node.op_type, node.name, node.inputs[1], units, node.outputs[0], input_shape
             )
-        reached.update(node.output)
-    raise WeightsError(f"{path}: no Gemm, MatMul or Conv node is reached from {graph_input.name!r}")
+        reached.update(node.outputs)
+    raise WeightsError(f"{path}: no Gemm, MatMul or Conv node is reached from {name!r}")
 
 
-def _units(node: Any, data: str, constants: dict[str, Any], numpy_helper: Any) -> np.ndarray:
+def _units(node: Node, data: str, constants: dict[str, Tensor], folder: Path) -> np.ndarray:
     """The node's weight as one row per output unit."""
-    if len(node.input) < 2 or node.input[0] != data or node.input[1] not in constants:
+    if len(node.inputs) < 2 or node.inputs[0] != data or node.inputs[1] not in constants:
         raise WeightsError(
             f"{node.op_type} {node.name!r}: expected the data as its first input and a constant "
             "weight as its second"
         )
-    weight = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
+    try:
+        weight = constants[node.inputs[1]].array(folder)
+    except (OnnxFileError, OSError) as error:
+        raise WeightsError(f"{node.op_type} {node.name!r}: {error}") from None
     if node.op_type == "Conv":
         if weight.ndim != 4:
             raise WeightsError(f"Conv {node.name!r}: weight of shape {list(weight.shape)}")
         return weight
     if weight.ndim != 2:
         raise WeightsError(f"{node.op_type} {node.name!r}: weight of shape {list(weight.shape)}")
-    transposed = node.op_type == "Gemm" and any(
-        a.name == "transB" and a.i == 1 for a in node.attribute
-    )
+    transposed = node.op_type == "Gemm" and node.ints.get("transB", 0) == 1
     return weight if transposed else weight.T
