@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score",
-        help="batch-score a folder, IDX file, array or manifest with a running service",
+        help="batch-score a folder, IDX file, array or manifest with a running service (or on Ray)",
         description="Stream every image of INPUT through ClassifyStream and write one row per "
         "image to --output (.csv, .jsonl or .parquet), in input order; with labels, print the "
         "accuracy and save the confusion matrix as <output>.confusion.png.",

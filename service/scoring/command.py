@@ -3,7 +3,8 @@
 Asks the service for the model's labels, opens the input and the output (resuming it when
 asked), streams the remaining items in batches with a progress bar, appends each answered
 batch in input order, and, where labels are known, prints the accuracy, per-class accuracy and
-confusion matrix and saves the matrix as `<output>.confusion.png`.
+confusion matrix and saves the matrix as `<output>.confusion.png`. With `--engine ray` a
+`RayScorer` (`ray_engine`) takes the service's place: the same job on a Ray cluster, no server.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from tqdm import tqdm
@@ -24,8 +26,12 @@ from service.scoring.inputs import InputError, InputItem, open_input
 from service.scoring.report import evaluate, format_report, render_confusion
 from service.scoring.stream import Batch, ScoreError, StreamScorer
 
+if TYPE_CHECKING:
+    from service.scoring.ray_engine import RayScorer
+
 DEFAULT_SERVER = "127.0.0.1:8001"
 INVERT_CHOICES = ("auto", "yes", "no")
+ENGINES = ("grpc", "ray")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +50,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="result file; its extension picks the format: .csv, .jsonl or .parquet",
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="grpc",
+        help="grpc: send the images to a running service (--server); ray: run ONNX Runtime on a "
+        "Ray cluster, no server needed (--ray-address, --model-repository) (default: grpc)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="--engine ray: the cluster to join, e.g. ray://HEAD:10001 or auto "
+        "(default: start a local Ray instance)",
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("models"),
+        help="--engine ray: the exported models (default: %(default)s)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=32, help="images per request (default: %(default)s)"
     )
@@ -106,15 +130,30 @@ def run(args: argparse.Namespace) -> int:
     except outputs.OutputError as error:
         return fail(str(error), 2)
 
-    scorer = StreamScorer(
-        args.server,
-        args.model,
-        args.version,
-        window=args.window,
-        retries=args.retries,
-        backoff=args.retry_backoff,
-        on_retry=lambda message: tqdm.write(f"cnnserve score: {message}", file=sys.stderr),
-    )
+    scorer: StreamScorer | RayScorer
+    if args.engine == "ray":
+        from service.scoring.ray_engine import RayScorer  # Ray is imported on this path only
+
+        try:
+            scorer = RayScorer(
+                args.model_repository,
+                args.model,
+                args.version,
+                address=args.ray_address,
+                batch_size=args.batch_size,
+            )
+        except ScoreError as error:
+            return fail(str(error), 2)
+    else:
+        scorer = StreamScorer(
+            args.server,
+            args.model,
+            args.version,
+            window=args.window,
+            retries=args.retries,
+            backoff=args.retry_backoff,
+            on_retry=lambda message: tqdm.write(f"cnnserve score: {message}", file=sys.stderr),
+        )
     try:
         info = scorer.call("GetModel", pb.GetModelRequest(model=args.model, version=args.version))
     except grpc.RpcError as error:
