@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from export.data import LABELS as FASHION_MNIST_LABELS
 from service.scoring.inputs import (
     InputError,
     idx_labels_path,
@@ -20,18 +21,7 @@ from service.scoring.inputs import (
 )
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+LABELS = list(FASHION_MNIST_LABELS)  # the official order, as the models' model.json has it
 
 
 @pytest.fixture(scope="module")
