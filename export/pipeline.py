@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 
 import export
-from export import convert, repository
+from export import convert, machine, repository
 from export.complexity import count_params, mflops_per_image
 from export.data import LABELS, FashionMNIST
 from export.models.base import FMNIST_MEAN, FMNIST_STD, INPUT_SHAPE, FamilyModel
@@ -120,7 +120,7 @@ def build_config(
         },
         "validation": asdict(validation),
         "recipe": recipe.to_dict(),
-        "training": {**result.to_dict(), "seed": seed},
+        "training": {**result.to_dict(), "seed": seed, "machine": machine.describe(result.device)},
         "dataset": {"name": "fashion-mnist", "sha256": data.checksum},
         "batching": batching_defaults(mflops),
         "exporter": {

@@ -2,9 +2,11 @@
 
 The layout is the paper's: a large-kernel conv1, conv2, three 3x3 convs, overlapping 3x3
 stride-2 max pooling after conv1, conv2 and conv5, and two dropout-regularised fc layers. The
-kernels shrink with the image (11x11 and 5x5 become 5x5 and 3x3), the channels to about half of
-one of the paper's two GPU towers, and the fc layers from 4096 to 384 units. Local response
-normalisation is left out; `batch_norm=True` adds what replaced it.
+kernels shrink with the image (11x11 and 5x5 become 5x5 and 3x3), the channels (at the default
+width 0.75) to about a third of one of the paper's two GPU towers, and the fc layers from 4096
+to 288 units. Local response normalisation is replaced by what replaced it in later networks,
+BatchNorm after every conv: it reaches the accuracy goal within the training budget, where the
+plain layout (`batch_norm=False`) needs more epochs.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ FINAL_SIZE = 3
 
 @register_model(
     Recipe(
-        epochs=12,
-        lr=1e-3,
+        epochs=10,
+        lr=2e-3,
         weight_decay=5e-2,
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
     )
 )
-def alexnet(width: float = 1.0, batch_norm: bool = False) -> FamilyModel:
+def alexnet(width: float = 0.75, batch_norm: bool = True) -> FamilyModel:
     """AlexNet's five conv / three fc layout for 28x28, channels and fc units times `width`.
 
     Stages conv1 (28x28), pool1 (14x14), conv2, pool2 (7x7), conv3, conv4, conv5, pool5 (3x3).

@@ -91,7 +91,7 @@ class ResidualInception(nn.Module):
 
 @register_model(
     Recipe(
-        epochs=15,
+        epochs=7,
         lr=2e-3,
         weight_decay=5e-2,
         label_smoothing=0.1,

@@ -41,7 +41,7 @@ class BasicBlock(nn.Module):
 
 @register_model(
     Recipe(
-        epochs=15,
+        epochs=12,
         optimizer="sgd",
         lr=0.1,
         weight_decay=5e-4,

@@ -25,7 +25,7 @@ BLOCKS = {
 
 @register_model(
     Recipe(
-        epochs=12,
+        epochs=10,
         optimizer="sgd",
         lr=5e-2,
         weight_decay=5e-4,
