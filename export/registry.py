@@ -28,20 +28,23 @@ class Entry:
     factory: Factory
     recipe: Recipe
     summary: str
+    goal: float | None  # test accuracy its default recipe must reach (docs/MODELS.md checks it)
 
 
 _REGISTRY: dict[str, Entry] = {}
 
 
-def register_model(recipe: Recipe) -> Callable[[Factory], Factory]:
-    """Register a factory under its function name with its default training recipe."""
+def register_model(recipe: Recipe, goal: float | None = None) -> Callable[[Factory], Factory]:
+    """Register a factory under its function name with its default recipe and accuracy goal."""
 
     def wrap(factory: Factory) -> Factory:
         name = factory.__name__
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         summary = (inspect.getdoc(factory) or "").split("\n\n")[0].replace("\n", " ")
-        _REGISTRY[name] = Entry(name=name, factory=factory, recipe=recipe, summary=summary)
+        _REGISTRY[name] = Entry(
+            name=name, factory=factory, recipe=recipe, summary=summary, goal=goal
+        )
         return factory
 
     return wrap

@@ -38,7 +38,8 @@ FINAL_SIZE = 3
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.92,
 )
 def alexnet(width: float = 0.75, batch_norm: bool = True) -> FamilyModel:
     """AlexNet's five conv / three fc layout for 28x28, channels and fc units times `width`.

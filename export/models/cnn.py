@@ -21,7 +21,8 @@ from export.registry import register_model
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.915,
 )
 def cnn(width: int = 32, hidden: int = 128) -> FamilyModel:
     """Two 5x5 conv + ReLU + 2x2 max-pool stages (`width`, then 2 x `width` maps) and two fc layers.

@@ -115,7 +115,8 @@ def inception_network(width: float, bn: bool, dropout: float) -> FamilyModel:
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.93,
 )
 def googlenet(width: float = 0.25) -> FamilyModel:
     """GoogLeNet (Inception v1) modules 3a to 5a, no BatchNorm, at `width` times its channels.
@@ -138,7 +139,8 @@ def googlenet(width: float = 0.25) -> FamilyModel:
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.93,
 )
 def inception_bn(width: float = 0.25) -> FamilyModel:
     """Inception v2: GoogLeNet's layout with BatchNorm after every conv and 5x5 as two 3x3.

@@ -97,7 +97,8 @@ class ResidualInception(nn.Module):
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.93,
 )
 def inception_resnet(width: float = 0.25, blocks_a: int = 3, blocks_b: int = 3) -> FamilyModel:
     """Inception-ResNet-v2 style: stem, A blocks, reduction, B blocks, reduction, pooled fc.

@@ -48,7 +48,8 @@ class BasicBlock(nn.Module):
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.935,
 )
 def resnet(width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> FamilyModel:
     """ResNet of basic blocks: `blocks` per layer (ResNet-18's by default), widths `width` x 2^i.

@@ -32,7 +32,8 @@ BLOCKS = {
         label_smoothing=0.1,
         crop_padding=2,
         hflip=True,
-    )
+    ),
+    goal=0.93,
 )
 def vgg(depth: int = 16, width: float = 1.0) -> FamilyModel:
     """VGG blocks of 3x3 conv + BatchNorm + ReLU and a 2x2 max pool, three blocks deep.

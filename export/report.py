@@ -1,0 +1,284 @@
+"""docs/MODELS.md: the model table, rebuilt from the repository's metadata and measured here.
+
+Everything in it comes from a model's `model.json` (what training and validation measured) or
+is measured by this command on this machine (ONNX Runtime speed), so the table is regenerated,
+never edited. int8 variants that `make models` did not keep (slower or less accurate than
+float32) sit in the repository's hidden `.rejected` folder, which the service never loads;
+the report still lists them, so the reason they are missing is on record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export import plots, repository, speed
+from export.data import load_fashion_mnist
+from export.machine import cpu_model
+from export.registry import get_entry, list_models
+
+FIGURES = "models"  # the PNGs' folder, beside MODELS.md
+REJECTED = ".rejected"  # int8 variants measured but not kept (hidden: the service skips it)
+INT8_SUFFIX = "-int8"
+MAX_DROP = 0.01  # an int8 variant may lose at most one accuracy point
+
+
+@dataclass
+class Row:
+    """One model version with what this run measured about it."""
+
+    config: dict[str, Any]
+    path: Path
+    served: bool
+    speed: speed.Speed | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.config["name"])
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.config["accuracy"]["onnxruntime"]
+
+
+def _family_order(name: str) -> tuple[int, str]:
+    family = list_models()
+    base = name.removesuffix(INT8_SUFFIX)
+    return (family.index(base) if base in family else len(family), name)
+
+
+def collect(root: Path) -> list[Row]:
+    """The newest version of every model, served ones and rejected int8 ones, in family order."""
+    rows = []
+    for folder, served in ((root, True), (root / REJECTED, False)):
+        newest: dict[str, dict[str, Any]] = {}
+        for config in repository.read_configs(folder):
+            newest[config["name"]] = config
+        for name, config in newest.items():
+            path = folder / name / str(config["version"]) / repository.MODEL_FILE
+            rows.append(Row(config=config, path=path, served=served))
+    return sorted(rows, key=lambda row: _family_order(row.name))
+
+
+def goal_of(name: str) -> float | None:
+    """The family member's accuracy goal (from the registry); None for unknown names."""
+    try:
+        return get_entry(name).goal
+    except KeyError:
+        return None
+
+
+def measure_all(rows: list[Row], images: np.ndarray, seconds: float) -> None:
+    """ONNX Runtime speed of every row, fetching what a classification call fetches."""
+    for row in rows:
+        outputs = (
+            ["probabilities"]
+            if row.config["kind"] == "classifier"
+            else list(row.config["default_outputs"])
+        )
+        row.speed = speed.measure(row.path, outputs, images, seconds=seconds)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _goal_cell(row: Row) -> str:
+    goal = goal_of(row.name)
+    if goal is None or row.accuracy is None:
+        return "-"
+    return f"{goal * 100:.1f}% {'met' if row.accuracy >= goal else '**missed**'}"
+
+
+def _train_cell(config: dict[str, Any]) -> str:
+    training = config["training"]
+    if not training.get("history"):
+        return "fixed weights"
+    device = training.get("device", "cpu")
+    where = "" if device == "cpu" else f" on {device}"
+    return f"{_minutes(training['seconds'])}, {training['epochs']:g} epochs{where}"
+
+
+def float_table(rows: list[Row]) -> list[str]:
+    header = (
+        "| model | params | MFLOPs | training | accuracy PyTorch | accuracy ONNX Runtime | goal "
+        "| ONNX file | latency batch 1 (p50 / p90) | throughput batch 256 |"
+    )
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+        c = row.config
+        s = row.speed
+        lines.append(
+            f"| [{row.name}](#{row.name}) | {c['params']:,} | {c['mflops']:.2f} "
+            f"| {_train_cell(c)} | {_percent(c['accuracy']['pytorch'])} "
+            f"| {_percent(row.accuracy)} | {_goal_cell(row)} "
+            f"| {c['file']['bytes'] / 1e6:.2f} MB "
+            f"| {s.latency_ms:.2f} / {s.latency_p90_ms:.2f} ms | {s.throughput:,.0f} img/s |"
+            if s
+            else f"| {row.name} | {c['params']:,} | {c['mflops']:.2f} | {_train_cell(c)} "
+            f"| {_percent(c['accuracy']['pytorch'])} | {_percent(row.accuracy)} "
+            f"| {_goal_cell(row)} | {c['file']['bytes'] / 1e6:.2f} MB | - | - |"
+        )
+    return lines
+
+
+def int8_table(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
+    lines = [
+        "| model | accuracy int8 | float32 | drop | argmax agrees with float32 "
+        "| latency batch 1 int8 / float32 | throughput batch 256 int8 / float32 | served |",
+        "|" + "---|" * 8,
+    ]
+    for row in rows:
+        base = by_name.get(row.config["quantization"]["base"]["name"])
+        quant = row.config["quantization"]
+        drop = quant["accuracy_drop"]
+        if row.speed and base and base.speed:
+            latency = f"{row.speed.latency_ms:.2f} / {base.speed.latency_ms:.2f} ms " + (
+                f"(x{base.speed.latency_ms / row.speed.latency_ms:.2f})"
+            )
+            throughput = (
+                f"{row.speed.throughput:,.0f} / {base.speed.throughput:,.0f} img/s "
+                f"(x{row.speed.throughput / base.speed.throughput:.2f})"
+            )
+        else:
+            latency = throughput = "-"
+        served = "yes" if row.served else "no: " + verdict(row, base)
+        lines.append(
+            f"| {row.name} | {_percent(row.accuracy)} | {_percent(quant['base']['accuracy'])} "
+            f"| {drop * 100:.2f} points | {_percent(quant.get('argmax_agreement'))} "
+            f"| {latency} | {throughput} | {served} |"
+        )
+    return lines
+
+
+def verdict(row: Row, base: Row | None) -> str:
+    """Why an int8 variant is not worth serving ('' when it is faster and accurate enough)."""
+    reasons = []
+    if row.config["quantization"]["accuracy_drop"] > MAX_DROP:
+        reasons.append("loses more than 1 point")
+    if row.speed and base and base.speed:
+        if row.speed.throughput <= base.speed.throughput:
+            reasons.append("slower at batch 256")
+        if row.speed.latency_ms >= base.speed.latency_ms:
+            reasons.append("slower at batch 1")
+    return ", ".join(reasons)
+
+
+def options_table() -> list[str]:
+    """Each member's size options with their defaults, for bigger machines."""
+    lines = ["| model | options (defaults) | example |", "|---|---|---|"]
+    for name in list_models():
+        parameters = inspect.signature(get_entry(name).factory).parameters.values()
+        options = ", ".join(f"`{p.name}={p.default!r}`" for p in parameters) or "none"
+        example = next(iter(parameters), None)
+        command = (
+            f"`cnnserve-export train --model {name} --name {name}-big --option {example.name}=...`"
+            if example
+            else "-"
+        )
+        lines.append(f"| {name} | {options} | {command} |")
+    return lines
+
+
+def render(rows: list[Row], command: str, images: int, seconds: float) -> str:
+    floats = [r for r in rows if "quantization" not in r.config]
+    int8s = [r for r in rows if "quantization" in r.config]
+    by_name = {r.name: r for r in floats}
+    threads = next((r.speed.threads for r in rows if r.speed), None)
+    trained_on = sorted({r.config["training"].get("machine", "not recorded") for r in floats})
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# The model family: accuracy against cost",
+        "",
+        f"Generated by `{command}` on {when}: do not edit by hand, run it again. The figures "
+        "come from each model's `model.json` (written by the export that trained and validated "
+        "it) except the speed columns, which this command measured with ONNX Runtime "
+        f"{ort.__version__} on **{cpu_model()}**, {threads} intra-op threads, fetching "
+        f"`probabilities` for {images} Fashion-MNIST test images (median of runs over "
+        f"{seconds:g} s per figure; the machine is shared, so compare figures within this "
+        "table, not across machines).",
+        "",
+        "Trained by `make models` (`cnnserve-export all --skip-existing --quantize auto`): each "
+        "model's default recipe (`cnnserve-export models` lists them), seed 0, accuracy on all "
+        "10,000 test images. Training machine(s): " + "; ".join(trained_on) + ".",
+        "",
+        *float_table(floats),
+        "",
+        f"![accuracy against MFLOPs]({FIGURES}/accuracy-mflops.png)",
+        "",
+    ]
+    if int8s:
+        parts += [
+            "## int8 variants",
+            "",
+            "ONNX Runtime static quantization (QDQ), calibrated on training images. A variant is "
+            "served (kept in the repository) only where it is at most 1 point less accurate "
+            "and faster than float32 at both batch sizes; the others are kept in the "
+            f"repository's hidden `{REJECTED}` folder, which the service does not load.",
+            "",
+            *int8_table(int8s, by_name),
+            "",
+        ]
+    parts += [
+        "## Bigger machines",
+        "",
+        "Every member's size is an option; a bigger model trains with the same command "
+        "(add `--device cuda` on a GPU machine) and is served under its own name.",
+        "",
+        *options_table(),
+        "",
+        "## Learning curves",
+        "",
+    ]
+    for row in floats:
+        if row.config["training"].get("history"):
+            parts += [f"### {row.name}", "", f"![{row.name}]({FIGURES}/curve-{row.name}.png)", ""]
+    return "\n".join(parts)
+
+
+def write_report(
+    root: Path,
+    docs: Path,
+    data_dir: Path | None = None,
+    seconds: float = 1.0,
+    command: str = "cnnserve-export report",
+) -> Path:
+    """Measure, draw and write `docs/MODELS.md` with its pictures; returns the file's path."""
+    rows = collect(root)
+    if not rows:
+        raise ValueError(f"no models in {root}: train some first (make models)")
+    data = load_fashion_mnist(data_dir)
+    images = (data.test_images[: speed.THROUGHPUT_BATCH, None] / 255.0).astype(np.float32)
+    measure_all(rows, images, seconds)
+    figures = docs / FIGURES
+    for row in rows:
+        if "quantization" not in row.config and row.config["training"].get("history"):
+            plots.learning_curve(
+                {**row.config, "goal": goal_of(row.name)}, figures / f"curve-{row.name}.png"
+            )
+    plots.accuracy_against_cost(
+        [
+            {
+                "name": r.name,
+                "mflops": r.config["mflops"],
+                "accuracy": r.accuracy,
+                "quantized": "quantization" in r.config,
+            }
+            for r in rows
+            if r.accuracy is not None
+        ],
+        figures / "accuracy-mflops.png",
+    )
+    path = docs / "MODELS.md"
+    path.write_text(render(rows, command, len(images), seconds) + "\n")
+    return path
