@@ -8,7 +8,7 @@ MODELS ?= models
 FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast models quick-models lint format protos clean
+.PHONY: setup serve test test-fast models report quick-models lint format protos clean
 
 setup: $(STAMP)
 
@@ -57,10 +57,16 @@ serve: quick-models $(SAMPLES)/00000-ankle-boot.png
 	@echo
 	$(BIN)/cnnserve serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-# The whole family; resumes where it stopped (finished models are skipped, the one in
-# training restarts from its last epoch checkpoint).
+# The whole family and its int8 variants (served only where faster and accurate), then the
+# model table docs/MODELS.md. Resumes where it stopped: finished models are skipped, the one in
+# training restarts from its last epoch checkpoint.
 models: setup
-	$(BIN)/cnnserve-export all --skip-existing --model-repository $(MODELS)
+	$(BIN)/cnnserve-export all --skip-existing --quantize auto --model-repository $(MODELS)
+	$(BIN)/cnnserve-export report --model-repository $(MODELS)
+
+# Measure the repository's models again and rewrite docs/MODELS.md (no training).
+report: setup
+	$(BIN)/cnnserve-export report --model-repository $(MODELS)
 
 test: setup
 	$(BIN)/python -m pytest -ra

@@ -1,7 +1,10 @@
 """`cnnserve-export`: train the family, convert to ONNX, and list the model repository.
 
 cnnserve-export train --model lenet5 [--epochs N] [--max-steps N] [--option k=v ...]
-cnnserve-export all [--quick] [--skip-existing]
+    [--quantize int8|auto]
+cnnserve-export all [--quick] [--skip-existing] [--quantize int8|auto]
+cnnserve-export quantize NAME [NAME ...] [--calibration-images N] [--auto]
+cnnserve-export report [--docs DIR] [--seconds S]
 cnnserve-export list
 cnnserve-export models
 cnnserve-export samples FOLDER [--count N]
@@ -17,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export import repository
-from export.data import LABELS, DatasetNotFoundError, load_fashion_mnist
+from export import quantize, repository
+from export.data import LABELS, DatasetNotFoundError, FashionMNIST, load_fashion_mnist
 from export.pipeline import QUICK_SET, ExportRequest, ExportResult, export_model
 from export.registry import get_entry, list_models
 
@@ -62,6 +65,22 @@ def _training(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8", "auto"],
+        help="also write NAME-int8, statically quantized from each exported classifier; auto "
+        "serves it only where it measures faster and at most 1 point less accurate",
+    )
+    _calibration(parser)
+
+
+def _calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibration-images",
+        type=int,
+        default=quantize.CALIBRATION_IMAGES,
+        help="training images that calibrate int8 activation ranges (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip models that already have a version (so an interrupted run resumes)",
     )
     _training(every)
+
+    int8 = commands.add_parser(
+        "quantize", help="write NAME-int8 from the newest version of each named classifier"
+    )
+    int8.add_argument("names", nargs="+", metavar="NAME", help="repository names")
+    _common(int8)
+    int8.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST IDX files")
+    int8.add_argument(
+        "--seed", type=int, default=0, help="calibration sample seed (default: %(default)s)"
+    )
+    _calibration(int8)
+    int8.add_argument(
+        "--auto",
+        action="store_true",
+        help="serve it only where it measures faster and at most 1 point less accurate "
+        "(otherwise it goes to the repository's hidden .rejected folder)",
+    )
+
+    table = commands.add_parser(
+        "report", help="measure the repository's models and write docs/MODELS.md with pictures"
+    )
+    _common(table)
+    table.add_argument("--docs", type=Path, default=Path("docs"), help="folder for MODELS.md")
+    table.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST IDX files")
+    table.add_argument(
+        "--seconds",
+        type=float,
+        default=1.0,
+        help="measuring time per speed figure (default: %(default)s)",
+    )
 
     listing = commands.add_parser("list", help="print the model repository as a table")
     _common(listing)
@@ -141,34 +190,117 @@ def _report(result: ExportResult, seconds: float) -> None:
     print(f"wrote {result.path} ({shown}, {seconds:.0f} s)", flush=True)
 
 
+def _quantize(args: argparse.Namespace, data: FashionMNIST, name: str) -> None:
+    """Write NAME-int8 and print its accuracy against float32's on one line."""
+    started = time.perf_counter()
+    root = args.model_repository
+    seed = args.seed
+    reasons: list[str] = []
+    if getattr(args, "quantize", None) == "auto" or getattr(args, "auto", False):
+        path, reasons = quantize.quantize_auto(root, name, data, args.calibration_images, seed)
+    else:
+        path = quantize.quantize_int8(root, name, data, args.calibration_images, seed)
+    config = json.loads((path / repository.CONFIG_FILE).read_text())
+    drop = config["quantization"]["accuracy_drop"]
+    goal = "" if drop <= quantize.ACCURACY_DROP_GOAL else ", above the 1-point goal"
+    kept = f"; not served: {', '.join(reasons)}" if reasons else ""
+    print(
+        f"wrote {path} (int8 accuracy {config['accuracy']['onnxruntime']:.4f}, float32 "
+        f"{config['quantization']['base']['accuracy']:.4f}, drop {drop * 100:.2f} points{goal}, "
+        f"{time.perf_counter() - started:.0f} s{kept})",
+        flush=True,
+    )
+
+
+def _quantize_exported(args: argparse.Namespace, data: FashionMNIST, name: str) -> None:
+    """`--quantize int8` after an export: classifiers only, and once with --skip-existing."""
+    target = quantize.int8_name(name)
+    root = args.model_repository
+    done = repository.versions(root, target) or repository.versions(
+        root / repository.REJECTED, target
+    )
+    if getattr(args, "skip_existing", False) and done:
+        print(f"skip {target}: already in {args.model_repository}", flush=True)
+        return
+    try:
+        quantize.check_quantizable(quantize.newest_config(args.model_repository, name))
+    except quantize.NotQuantizableError as error:
+        print(f"skip {target}: {error}", flush=True)
+        return
+    _quantize(args, data, name)
+
+
+def _load_data(data_dir: Path | None) -> FashionMNIST | None:
+    try:
+        return load_fashion_mnist(data_dir)
+    except DatasetNotFoundError as error:
+        print(f"cnnserve-export: {error}", file=sys.stderr)
+        return None
+
+
 def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> int:
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    try:
-        data = load_fashion_mnist(args.data_dir)
-    except DatasetNotFoundError as error:
-        print(f"cnnserve-export: {error}", file=sys.stderr)
+    data = _load_data(args.data_dir)
+    if data is None:
         return 2
     failed: list[str] = []
     for request in requests:
         name = request.name or request.model
-        if getattr(args, "skip_existing", False) and repository.versions(
-            args.model_repository, name
-        ):
-            print(f"skip {name}: already in {args.model_repository}", flush=True)
-            continue
-        started = time.perf_counter()
         try:
-            _report(
-                export_model(request, data, args.model_repository), time.perf_counter() - started
-            )
+            if getattr(args, "skip_existing", False) and repository.versions(
+                args.model_repository, name
+            ):
+                print(f"skip {name}: already in {args.model_repository}", flush=True)
+            else:
+                started = time.perf_counter()
+                result = export_model(request, data, args.model_repository)
+                _report(result, time.perf_counter() - started)
+            if args.quantize:
+                _quantize_exported(args, data, name)
         except Exception as error:  # one model's failure must not stop the rest of the family
             print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
             failed.append(name)
     if failed:
         print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    data = _load_data(args.data_dir)
+    if data is None:
+        return 2
+    failed: list[str] = []
+    for name in args.names:
+        try:
+            _quantize(args, data, name)
+        except Exception as error:  # one model's failure must not stop the others
+            print(f"cnnserve-export: {name}: {error}", file=sys.stderr, flush=True)
+            failed.append(name)
+    if failed:
+        print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_report(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from export.report import write_report
+
+    shown = " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        path = write_report(
+            args.model_repository,
+            args.docs,
+            args.data_dir,
+            args.seconds,
+            command=f"cnnserve-export {shown}",
+        )
+    except (ValueError, DatasetNotFoundError) as error:
+        print(f"cnnserve-export: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 
@@ -243,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_samples(args.folder, args.count, args.data_dir):
             print(path)
         return 0
+    if args.command == "quantize":
+        return _run_quantize(args)
+    if args.command == "report":
+        return _run_report(args, argv)
     if args.command == "train":
         requests = [_request(args, args.model, args.name, **dict(args.option))]
     else:

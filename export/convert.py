@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,8 @@ class Validation:
     accuracy_images: int = 0  # test images the two accuracies were measured on
 
 
-def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+def open_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    """A quiet CPU session, the provider every exported model must run on."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(
@@ -135,7 +137,7 @@ def validate(
 
     model = model.cpu().eval()
     names = output_names(model)
-    session = _session(proto)
+    session = open_session(proto)
     pixels = to_pixels(torch.tensor(data.test_images[:accuracy_images]))
     sample = pixels[:COMPARE_IMAGES]
     got = dict(zip(names, session.run(names, {INPUT_NAME: sample.numpy()}), strict=True))
@@ -166,9 +168,11 @@ def validate(
         if mismatched:
             problems.append(f"argmax differs from PyTorch on {mismatched} of {len(sample)} images")
         labels = data.test_labels[: len(pixels)]
-        pytorch_accuracy = _accuracy(lambda x: model(torch.from_numpy(x)).numpy(), pixels, labels)
-        onnxruntime_accuracy = _accuracy(
-            lambda x: session.run(["logits"], {INPUT_NAME: x})[0], pixels, labels
+        pytorch_accuracy = accuracy_of(
+            predicted_classes(lambda x: model(torch.from_numpy(x)).numpy(), pixels), labels
+        )
+        onnxruntime_accuracy = accuracy_of(
+            predicted_classes(session_logits(session), pixels), labels
         )
         if abs(pytorch_accuracy - onnxruntime_accuracy) > ACCURACY_TOLERANCE:
             problems.append(
@@ -189,9 +193,22 @@ def validate(
     )
 
 
-def _accuracy(logits_of: Any, pixels: Tensor, labels: np.ndarray, batch: int = 1000) -> float:
-    correct = 0
-    for start in range(0, len(pixels), batch):
-        x = pixels[start : start + batch].numpy()
-        correct += int((np.asarray(logits_of(x)).argmax(1) == labels[start : start + batch]).sum())
-    return correct / len(pixels)
+def session_logits(session: ort.InferenceSession) -> Callable[[np.ndarray], np.ndarray]:
+    """The `logits` output of an ONNX Runtime session, as a function of a pixel batch."""
+    return lambda x: session.run(["logits"], {INPUT_NAME: x})[0]
+
+
+def predicted_classes(
+    logits_of: Callable[[np.ndarray], np.ndarray], pixels: Tensor, batch: int = 1000
+) -> np.ndarray:
+    """The argmax class of every image, a batch at a time so memory stays flat."""
+    classes = [
+        np.asarray(logits_of(pixels[start : start + batch].numpy())).argmax(1)
+        for start in range(0, len(pixels), batch)
+    ]
+    return np.concatenate(classes) if classes else np.zeros(0, np.int64)
+
+
+def accuracy_of(predicted: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of images whose predicted class is their label (labels of the first N)."""
+    return int(np.count_nonzero(predicted == labels[: len(predicted)])) / len(predicted)

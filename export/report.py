@@ -18,15 +18,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export import plots, repository, speed
+from export import plots, quantize, repository, speed
 from export.data import load_fashion_mnist
 from export.machine import cpu_model
 from export.registry import get_entry, list_models
 
 FIGURES = "models"  # the PNGs' folder, beside MODELS.md
-REJECTED = ".rejected"  # int8 variants measured but not kept (hidden: the service skips it)
-INT8_SUFFIX = "-int8"
-MAX_DROP = 0.01  # an int8 variant may lose at most one accuracy point
 
 
 @dataclass
@@ -49,14 +46,14 @@ class Row:
 
 def _family_order(name: str) -> tuple[int, str]:
     family = list_models()
-    base = name.removesuffix(INT8_SUFFIX)
+    base = name.removesuffix(quantize.SUFFIX)
     return (family.index(base) if base in family else len(family), name)
 
 
 def collect(root: Path) -> list[Row]:
     """The newest version of every model, served ones and rejected int8 ones, in family order."""
     rows = []
-    for folder, served in ((root, True), (root / REJECTED, False)):
+    for folder, served in ((root, True), (root / repository.REJECTED, False)):
         newest: dict[str, dict[str, Any]] = {}
         for config in repository.read_configs(folder):
             newest[config["name"]] = config
@@ -135,7 +132,8 @@ def float_table(rows: list[Row]) -> list[str]:
 def int8_table(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
     lines = [
         "| model | accuracy int8 | float32 | drop | argmax agrees with float32 "
-        "| latency batch 1 int8 / float32 | throughput batch 256 int8 / float32 | served |",
+        "| latency batch 1 int8 / float32 (speed-up) "
+        "| throughput batch 256 int8 / float32 (speed-up) | served |",
         "|" + "---|" * 8,
     ]
     for row in rows:
@@ -143,7 +141,8 @@ def int8_table(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
         quant = row.config["quantization"]
         drop = quant["accuracy_drop"]
         if row.speed and base and base.speed:
-            latency = f"{row.speed.latency_ms:.2f} / {base.speed.latency_ms:.2f} ms " + (
+            latency = (
+                f"{row.speed.latency_ms:.2f} / {base.speed.latency_ms:.2f} ms "
                 f"(x{base.speed.latency_ms / row.speed.latency_ms:.2f})"
             )
             throughput = (
@@ -152,7 +151,7 @@ def int8_table(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
             )
         else:
             latency = throughput = "-"
-        served = "yes" if row.served else "no: " + verdict(row, base)
+        served = "yes" if row.served else "no: " + ", ".join(_reasons(row))
         lines.append(
             f"| {row.name} | {_percent(row.accuracy)} | {_percent(quant['base']['accuracy'])} "
             f"| {drop * 100:.2f} points | {_percent(quant.get('argmax_agreement'))} "
@@ -161,30 +160,26 @@ def int8_table(rows: list[Row], by_name: dict[str, Row]) -> list[str]:
     return lines
 
 
-def verdict(row: Row, base: Row | None) -> str:
-    """Why an int8 variant is not worth serving ('' when it is faster and accurate enough)."""
-    reasons = []
-    if row.config["quantization"]["accuracy_drop"] > MAX_DROP:
-        reasons.append("loses more than 1 point")
-    if row.speed and base and base.speed:
-        if row.speed.throughput <= base.speed.throughput:
-            reasons.append("slower at batch 256")
-        if row.speed.latency_ms >= base.speed.latency_ms:
-            reasons.append("slower at batch 1")
-    return ", ".join(reasons)
+def _reasons(row: Row) -> list[str]:
+    """Why `make models` did not serve an int8 variant, from the figures measured then."""
+    return list(row.config.get("selection", {}).get("reasons", [])) or ["not selected"]
 
 
 def options_table() -> list[str]:
-    """Each member's size options with their defaults, for bigger machines."""
-    lines = ["| model | options (defaults) | example |", "|---|---|---|"]
+    """Each trainable member's size options with their defaults, for bigger machines."""
+    lines = ["| model | options (defaults) | a bigger one |", "|---|---|---|"]
     for name in list_models():
-        parameters = inspect.signature(get_entry(name).factory).parameters.values()
+        entry = get_entry(name)
+        if not entry.recipe.trainable:
+            continue
+        parameters = list(inspect.signature(entry.factory).parameters.values())
         options = ", ".join(f"`{p.name}={p.default!r}`" for p in parameters) or "none"
-        example = next(iter(parameters), None)
+        sizes = [p for p in parameters if type(p.default) in (int, float)]
         command = (
-            f"`cnnserve-export train --model {name} --name {name}-big --option {example.name}=...`"
-            if example
-            else "-"
+            f"`cnnserve-export train --model {name} --name {name}-big "
+            f"--option {sizes[0].name}={sizes[0].default * 2:g}`"
+            if sizes
+            else "- (fixed layout)"
         )
         lines.append(f"| {name} | {options} | {command} |")
     return lines
@@ -222,9 +217,10 @@ def render(rows: list[Row], command: str, images: int, seconds: float) -> str:
             "## int8 variants",
             "",
             "ONNX Runtime static quantization (QDQ), calibrated on training images. A variant is "
-            "served (kept in the repository) only where it is at most 1 point less accurate "
-            "and faster than float32 at both batch sizes; the others are kept in the "
-            f"repository's hidden `{REJECTED}` folder, which the service does not load.",
+            "served (kept in the repository) only where it was at most 1 point less accurate "
+            "and faster than float32 at both batch sizes when `make models` measured it; the "
+            "others are kept in the "
+            f"repository's hidden `{repository.REJECTED}` folder, which the service does not load.",
             "",
             *int8_table(int8s, by_name),
             "",

@@ -23,6 +23,10 @@ import onnx
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "model.json"
 CHECKPOINTS = ".checkpoints"
+# int8 variants measured and not served (slower or less accurate), kept for the model table,
+# and candidates still being measured. Hidden, so the service never loads them.
+REJECTED = ".rejected"
+CANDIDATES = ".candidates"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 

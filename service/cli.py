@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from service import config
+from service import config, connection
 from service.pictures import command as pictures_command
 from service.scoring import command as scoring_command
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--invert", choices=["auto", "yes", "no"], default="auto", help="colour inversion"
     )
     classify.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    connection.add_arguments(classify)
 
     score = commands.add_parser(
         "score",
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models a running service serves")
     models.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
     models.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    connection.add_arguments(models)
     return parser
 
 
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"cnnserve {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except connection.ConnectionOptionError as error:
+        print(f"cnnserve {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

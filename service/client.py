@@ -10,6 +10,7 @@ import sys
 
 import grpc
 
+from service import connection
 from service.proto import cnnserve_pb2 as pb
 from service.proto import cnnserve_pb2_grpc as pb_grpc
 
@@ -17,8 +18,9 @@ INVERT = {"auto": pb.INVERT_AUTO, "yes": pb.INVERT_YES, "no": pb.INVERT_NO}
 STATE_NAMES = {v: k.removeprefix("MODEL_STATE_").lower() for k, v in pb.ModelState.items()}
 
 
-def _stub(server: str) -> pb_grpc.InferenceStub:
-    return pb_grpc.InferenceStub(grpc.insecure_channel(server))
+def _stub(args: argparse.Namespace) -> pb_grpc.InferenceStub:
+    """A stub over TLS and with a token when the options ask for them."""
+    return pb_grpc.InferenceStub(connection.from_args(args).open())
 
 
 def classify_files(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def classify_files(args: argparse.Namespace) -> int:
         invert=INVERT[args.invert],
     )
     try:
-        response = _stub(args.server).Classify(request, timeout=args.timeout)
+        response = _stub(args).Classify(request, timeout=args.timeout)
     except grpc.RpcError as error:
         detail = error.details() or ""
         if error.code() is grpc.StatusCode.INVALID_ARGUMENT and detail.startswith("images["):
@@ -54,7 +56,7 @@ def classify_files(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    response = _stub(args.server).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
+    response = _stub(args).ListModels(pb.ListModelsRequest(), timeout=args.timeout)
     rows = [["name", "version", "kind", "state", "provider", "params", "MFLOPs", "accuracy"]]
     for model in response.models:
         accuracy = f"{model.accuracy:.4f}" if model.HasField("accuracy") else "-"

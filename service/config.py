@@ -3,7 +3,9 @@
 Flag names follow Triton's where Triton has the same knob (`--model-repository`, `--grpc-port`,
 `--metrics-port`), so operators feel at home. Every setting has one flag, one environment
 variable (the flag's name upper-cased with CNNSERVE_ in front) and one key in the optional
-JSON or TOML config file (the flag's name with underscores).
+JSON or TOML config file (the flag's name with underscores). The one exception is the list of
+bearer tokens: a secret has no flag, because every user on the machine can read a command line,
+and it is left out of the settings' repr, so logging the settings never prints it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import argparse
 import json
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from service import security
 
 ENV_PREFIX = "CNNSERVE_"
 MiB = 1024 * 1024
@@ -45,6 +49,12 @@ class Settings:
     grace_seconds: float = 10.0
     log_level: str = "info"
     log_json: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)  # no flag: env or config file
+    auth_open_health: bool = True
 
 
 HELP: dict[str, str] = {
@@ -70,16 +80,38 @@ HELP: dict[str, str] = {
     "grace_seconds": "on SIGTERM, how long accepted calls get to finish",
     "log_level": "debug | info | warning | error",
     "log_json": "log one JSON object per line",
+    "tls_cert": "server certificate chain, PEM; with --tls-key the port speaks TLS only",
+    "tls_key": "private key of --tls-cert, PEM",
+    "tls_client_ca": "CA bundle, PEM, that client certificates must chain to (mutual TLS: "
+    "calls without a valid client certificate are refused)",
+    "auth_tokens_file": "file of bearer tokens, one per line ('#' comments); calls must send "
+    "'authorization: Bearer <token>'. Tokens may also come from env CNNSERVE_AUTH_TOKENS "
+    "(comma-separated), never from a flag",
+    "auth_tokens": "bearer tokens, comma-separated; environment or config file only",
+    "auth_open_health": "with tokens, leave grpc.health.v1 open for load balancers and probes",
 }
+# Secrets get no flag: a command line is visible to every user of the machine.
+NO_FLAG = frozenset({"auth_tokens"})
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _Refused(argparse.Action):
+    """A secret given as a flag: refuse it without echoing it (and without abbreviating
+    `--auth-tokens` to `--auth-tokens-file`, whose error would print the secret as a path)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        env = ENV_PREFIX + self.dest.upper()
+        parser.error(f"{self.option_strings[0]} is not a flag: secrets go in {env} or a file")
+
+
 def _convert(name: str, value: Any) -> Any:
     """Config-file and environment values (strings or JSON types) to the field's type."""
     default = getattr(Settings, name)
+    if default is None:  # an optional file
+        return Path(value) if str(value).strip() else None
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -119,6 +151,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; defaults are shown by `cnnserve serve --help`."""
     parser.add_argument("--config", type=Path, help="JSON or TOML file of settings (keys as below)")
     for f in fields(Settings):
+        if f.name in NO_FLAG:
+            parser.add_argument(_flag(f.name), action=_Refused, help=argparse.SUPPRESS)
+            continue
         default = getattr(Settings, f.name)
         env = ENV_PREFIX + f.name.upper()
         shown = ",".join(default) if isinstance(default, tuple) else default
@@ -139,7 +174,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         values.update(_from_file(args.config))
     values.update(_from_env(environ))
     for f in fields(Settings):
-        given = getattr(args, f.name, None)
+        given = None if f.name in NO_FLAG else getattr(args, f.name, None)
         if given is not None:
             values[f.name] = _convert(f.name, given)
     settings = Settings(**values)
@@ -163,3 +198,4 @@ def validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    security.validate(settings)

@@ -69,6 +69,11 @@ MODEL_STATE = Gauge(
 MODEL_INFO = Gauge(
     "cnnserve_model_info", "Always 1: the execution provider in use.", [*_MV, "provider", "kind"]
 )
+AUTH_REJECTED = Counter(
+    "cnnserve_auth_rejected",
+    "Calls refused UNAUTHENTICATED, by gRPC method and reason (missing or invalid token).",
+    ["method", "reason"],
+)
 
 TRITON_COUNTERS = {
     "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
@@ -166,6 +171,11 @@ def observe_batch(
         totals.compute_count += len(queue_seconds)
         totals.compute_ns += len(queue_seconds) * round(inference_seconds * 1e9)
         totals.last_inference_ms = int(time.time() * 1000)
+
+
+def observe_auth_rejected(method: str, reason: str) -> None:
+    """The token check refused a call; only known methods reach here, so labels stay few."""
+    AUTH_REJECTED.labels(method, reason).inc()
 
 
 def set_queue_depth(model: str, version: str, images: int) -> None:

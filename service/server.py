@@ -1,5 +1,9 @@
 """The gRPC server: both APIs, health checking and reflection on one port; metrics on another.
 
+The port is plaintext, TLS or mutual TLS as configured (`security`); with bearer tokens, every
+call needs one except health checks when `auth_open_health` is on. Reflection needs a token
+too: it is a developer's tool (grpcurl sends the header with -H), not a probe.
+
 Start-up: scan the repository, open the port (health says NOT_SERVING while models load), load
 models one at a time, then report SERVING overall and per model. Shutdown (SIGTERM/SIGINT):
 health turns NOT_SERVING at once, new calls are refused, accepted calls get `grace_seconds` to
@@ -17,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import metrics
+from service import metrics, security
 from service.config import MiB, Settings
 from service.oip import OipServicer
 from service.proto import cnnserve_pb2, cnnserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -89,8 +93,14 @@ class Server:
 
     async def start(self) -> None:
         """Open the port and load the models; returns once every model is ready or failed."""
+        security.validate(self.settings)
+        tokens = security.configured_tokens(self.settings)
+        credentials = security.server_credentials(self.settings)
         self.repository.scan()
-        server = grpc.aio.server(options=grpc_options(self.settings))
+        server = grpc.aio.server(
+            interceptors=security.interceptors(self.settings, tokens),
+            options=grpc_options(self.settings),
+        )
         cnnserve_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.repository, self.settings), server
         )
@@ -102,7 +112,10 @@ class Server:
         reflection.enable_server_reflection(names, server)
         address = f"{self.settings.grpc_address}:{self.settings.grpc_port}"
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as error:
             raise OSError(f"cannot listen on {address}: {error} (is the port in use?)") from error
         for service in ["", *self._services()]:
@@ -118,11 +131,12 @@ class Server:
             await self.health.set(service, SERVING)
         ready = sum(self.repository.newest(n).state is State.READY for n in self.repository.models)
         log.info(
-            "serving %d of %d models on %s:%d (metrics on port %s)",
+            "serving %d of %d models on %s:%d, %s (metrics on port %s)",
             ready,
             len(self.repository.models),
             self.settings.grpc_address,
             self.port,
+            security.describe(self.settings, tokens),
             self.metrics_port or "off",
         )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from service import connection
 from service.pictures import render, shift
 from service.pictures.sources import DEFAULT_IDX, ImageError, Source, load_image
 from service.pictures.weights import WeightsError, first_layer, model_folder, read_config
@@ -56,6 +57,7 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    connection.add_arguments(parser)
 
 
 def _scale(text: str) -> str | float:
@@ -292,7 +294,7 @@ def input_picture(source: Source) -> render.Picture:
 
 def show_features(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    with grpc.insecure_channel(args.server) as channel:
+    with connection.from_args(args).open() as channel:
         stub, model = _connect(channel, args, args.model)
         stages = choose_stages(model, args.layers)
         [answer] = ask(stub, model, [source.pixels], stages, args.timeout)
@@ -335,7 +337,7 @@ def show_weights(args: argparse.Namespace) -> int:
 
 def show_kirsch(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    with grpc.insecure_channel(args.server) as channel:
+    with connection.from_args(args).open() as channel:
         stub, model = _connect(channel, args, args.model)
         stages = {stage_of(f.name): list(f.shape) for f in model.features}
         edges = stages.get("edges")
@@ -370,7 +372,7 @@ def show_kirsch(args: argparse.Namespace) -> int:
 
 def show_shift(args: argparse.Namespace) -> int:
     source = load_image(args.image, args.invert, args.idx)
-    with grpc.insecure_channel(args.server) as channel:
+    with connection.from_args(args).open() as channel:
         stub, model = _connect(channel, args, args.model)
         if "," in args.layer or args.layer.strip() == "all":
             raise ShowError(f"--layer takes one stage, got {args.layer!r}")
@@ -412,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     """Run one mode; anything the user can fix is one line on stderr and exit status 1."""
     try:
         return MODES[args.mode](args)
-    except (ShowError, ImageError, WeightsError) as error:
+    except (ShowError, ImageError, WeightsError, connection.ConnectionOptionError) as error:
         print(f"cnnserve show {args.mode}: {error}", file=sys.stderr)
     except grpc.RpcError as error:
         print(f"cnnserve show {args.mode}: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import grpc
 from tqdm import tqdm
 
+from service import connection
 from service.proto import cnnserve_pb2 as pb
 from service.scoring import outputs
 from service.scoring.inputs import InputError, InputItem, open_input
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="result file; its extension picks the format: .csv, .jsonl or .parquet",
     )
     parser.add_argument("--server", default=DEFAULT_SERVER, help="HOST:PORT (default: %(default)s)")
+    connection.add_arguments(parser)
     parser.add_argument(
         "--engine",
         choices=ENGINES,
@@ -145,15 +147,19 @@ def run(args: argparse.Namespace) -> int:
         except ScoreError as error:
             return fail(str(error), 2)
     else:
-        scorer = StreamScorer(
-            args.server,
-            args.model,
-            args.version,
-            window=args.window,
-            retries=args.retries,
-            backoff=args.retry_backoff,
-            on_retry=lambda message: tqdm.write(f"cnnserve score: {message}", file=sys.stderr),
-        )
+        try:
+            scorer = StreamScorer(
+                args.server,
+                args.model,
+                args.version,
+                window=args.window,
+                retries=args.retries,
+                backoff=args.retry_backoff,
+                on_retry=lambda message: tqdm.write(f"cnnserve score: {message}", file=sys.stderr),
+                connection=connection.from_args(args),
+            )
+        except connection.ConnectionOptionError as error:
+            return fail(str(error), 2)
     try:
         info = scorer.call("GetModel", pb.GetModelRequest(model=args.model, version=args.version))
     except grpc.RpcError as error:

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from service.connection import Connection
 from service.proto import cnnserve_pb2 as pb
 from service.proto import cnnserve_pb2_grpc as pb_grpc
 from service.scoring.inputs import InputItem
@@ -147,8 +148,10 @@ class StreamScorer:
         retries: int = 5,
         backoff: float = 0.5,
         on_retry: Callable[[str], None] | None = None,
+        connection: Connection | None = None,
     ) -> None:
-        self.channel = grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
+        # `connection` adds TLS and a token; it names the server itself.
+        self.channel = (connection or Connection(server)).open(CHANNEL_OPTIONS)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.model, self.version, self.top_k, self.invert = model, version, top_k, invert
         self.window, self.retries, self.backoff = window, retries, backoff
