@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 CNNSERVE = [sys.executable, "-m", "service.cli"]
+HEALTHCHECK = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
@@ -213,6 +214,18 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(tiny_repository, pki,
                 stub = pb_grpc.InferenceStub(channel)
                 code, _ = failure(stub.Classify, classify_request(fmnist), timeout=10)
                 assert code == grpc.StatusCode.UNAVAILABLE
+        # The container's health check speaks mutual TLS when told how (flags or environment).
+        check = [sys.executable, str(HEALTHCHECK), "--address", running.address]
+        plain = subprocess.run(check, capture_output=True, text=True, timeout=30)
+        assert plain.returncode == 2, plain
+        env = {
+            **os.environ,
+            "CNNSERVE_HEALTHCHECK_TLS_CA": str(pki.ca),
+            "CNNSERVE_HEALTHCHECK_TLS_CERT": str(pki.client_cert),
+            "CNNSERVE_HEALTHCHECK_TLS_KEY": str(pki.client_key),
+        }
+        secured = subprocess.run(check, capture_output=True, text=True, timeout=30, env=env)
+        assert secured.returncode == 0 and "SERVING" in secured.stdout, secured
     finally:
         running.stop()
 
