@@ -277,6 +277,14 @@ _TENSOR_DTYPES: dict[str, np.dtype] = {
 _TENSOR_SHAPES = ((1, SIZE, SIZE), (SIZE, SIZE))
 
 
+def _shown(dims: tuple[int, ...]) -> str:
+    """A refused shape for a message, cut short: it may have thousands of dimensions, and a
+    status message over gRPC's 8 KiB metadata limit reaches the client as RESOURCE_EXHAUSTED."""
+    if len(dims) <= 6:
+        return str(list(dims))
+    return f"{str(list(dims[:6]))[:-1]}, ... ({len(dims)} dimensions)]"
+
+
 def from_tensor(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
     """The model's own input, checked and used as is: no inversion, no resizing.
 
@@ -294,7 +302,7 @@ def from_tensor(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
     dims = tuple(int(d) for d in shape)
     if dims not in _TENSOR_SHAPES:
         raise InvalidImage(
-            f"tensor shape {list(dims)} is not accepted: use [1, 28, 28] or [28, 28]"
+            f"tensor shape {_shown(dims)} is not accepted: use [1, 28, 28] or [28, 28]"
         )
     expected = SIZE * SIZE * numpy_dtype.itemsize
     if len(data) != expected:
@@ -329,13 +337,13 @@ def from_batch(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
     numpy_dtype = _TENSOR_DTYPES.get(dtype)
     if numpy_dtype is None:
         raise InvalidImage(
-            f"datatype {dtype!r} is not accepted: use FP32 (values in [0, 1]), FP16, "
+            f"datatype {dtype[:80]!r} is not accepted: use FP32 (values in [0, 1]), FP16, "
             "or UINT8 (0-255)"
         )
     dims = tuple(int(d) for d in shape)
     if len(dims) not in (3, 4) or dims[1:] not in _TENSOR_SHAPES:
         raise InvalidImage(
-            f"shape {list(dims)} is not accepted: use [N, 1, 28, 28] or [N, 28, 28] "
+            f"shape {_shown(dims)} is not accepted: use [N, 1, 28, 28] or [N, 28, 28] "
             "(N images, the batch dimension first)"
         )
     count = dims[0]

@@ -84,8 +84,8 @@ class ModelVersion:
             if full not in self.feature_names:
                 valid = ", ".join(self.feature_names) or "none"
                 raise InvalidArgument(
-                    f"{field_name}[{index}]: model {self.name} has no feature output {name!r}; "
-                    f"valid: {valid}"
+                    f"{field_name}[{index}]: model {self.name} has no feature output "
+                    f"{name[:80]!r}; valid: {valid}"
                 )
             resolved.append(full)
         return list(dict.fromkeys(resolved))
@@ -305,8 +305,8 @@ class ModelRepository:
             ready = [v for v in versions.values() if v.state is State.READY]
             return max(ready, key=lambda v: _version_key(v.version)) if ready else self.newest(name)
         key = version.strip()
-        if key.isdigit():
-            key = str(int(key))
+        if key.isascii() and key.isdigit():  # not int(): '²' is a digit, and 5000 digits raise
+            key = key.lstrip("0") or "0"
         if key not in versions:
             raise NotFound(
                 f"model {name} has no version {version[:20]!r}; versions: "

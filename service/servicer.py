@@ -184,8 +184,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _observed(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, call: Handler
     ) -> Any:
-        labels = self.repository.metric_labels(request.model, request.version)
-        try:
+        try:  # labels too: whatever fails must become a status, never UNKNOWN
+            labels = self.repository.metric_labels(request.model, request.version)
             with observed(method, *labels):
                 return await call(request, context)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status
@@ -244,8 +244,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         pending: asyncio.Queue[tuple[str, asyncio.Task[Any]] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def one(item: pb.ClassifyStreamRequest) -> pb.ClassifyStreamResponse:
-            labels = self.repository.metric_labels(item.request.model, item.request.version)
-            try:
+            try:  # labels too: a failure is this item's error, not the stream's end
+                labels = self.repository.metric_labels(item.request.model, item.request.version)
                 with observed("ClassifyStream", *labels):
                     response = await self._classify(item.request, context)
                 return pb.ClassifyStreamResponse(id=item.id, response=response)
