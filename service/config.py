@@ -47,6 +47,7 @@ class Settings:
     max_receive_message_mb: int = 256
     max_send_message_mb: int = 256
     grace_seconds: float = 10.0
+    repository_poll_seconds: float = 0.0  # 0: load the repository once, at start-up
     log_level: str = "info"
     log_json: bool = False
     tls_cert: Path | None = None
@@ -58,6 +59,8 @@ class Settings:
 
 
 HELP: dict[str, str] = {
+    "repository_poll_seconds": "rescan the repository this often and load new models and "
+    "versions while serving (0: only at start-up; KServe's RepositoryModelLoad also loads)",
     "model_repository": "model repository folder written by cnnserve-export",
     "models": "comma-separated models to load (default: all in the repository)",
     "grpc_address": "address the gRPC server binds",

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from service import metrics, security
 from service.config import MiB, Settings
 from service.oip import OipServicer
+from service.polling import RepositoryPoller
 from service.proto import cnnserve_pb2, cnnserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
 from service.repository import BatchOverrides, ModelRepository, ModelVersion, State
 from service.runtime import RuntimeOptions
@@ -78,6 +79,7 @@ class Server:
         self.metrics_port = 0
         self._metrics_server: metrics.MetricsServer | None = None
         self._stopping = False
+        self._poller: asyncio.Task[None] | None = None
 
     def _model_changed(self, entry: ModelVersion) -> None:
         """A model is SERVING while any of its versions is ready (an old one during a reload)."""
@@ -127,6 +129,9 @@ class Server:
             self._metrics_server = metrics.start_metrics_server(port, self.settings.metrics_address)
             self.metrics_port = self._metrics_server.port
         await self.repository.load_all()
+        if self.settings.repository_poll_seconds > 0:
+            poller = RepositoryPoller(self.repository, self.settings.repository_poll_seconds)
+            self._poller = asyncio.get_running_loop().create_task(poller.run())
         for service in ["", *self._services()]:
             await self.health.set(service, SERVING)
         ready = sum(self.repository.newest(n).state is State.READY for n in self.repository.models)
@@ -145,6 +150,8 @@ class Server:
         if self._stopping:
             return
         self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
         await self.health.enter_graceful_shutdown()
         if self.grpc is not None:
             await self.grpc.stop(self.settings.grace_seconds if grace is None else grace)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -193,6 +193,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # Classify -----------------------------------------------------------------------------
 
+    def _after_decoding(
+        self, model: str, version: str, features: Sequence[str]
+    ) -> tuple[ModelVersion, list[str]]:
+        """The version to submit to, looked up again once the images are decoded.
+
+        Decoding yields to the event loop; a version swapped in meanwhile takes the request,
+        because the old one may be unloading and would refuse it. No await may come between
+        this lookup and the submit, so a hot swap fails no call.
+        """
+        entry = self.repository.ready(model, version)
+        return entry, entry.resolve_features(features, "features")
+
     async def _classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
@@ -208,6 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         labels = entry.labels
         top_k = min(request.top_k or DEFAULT_TOP_K, len(labels))
         batch = await self.images.decode(request.images, request.invert)
+        entry, features = self._after_decoding(request.model, request.version, request.features)
         assert entry.batcher is not None
         outputs = await entry.batcher.submit(
             batch, ["probabilities", *features], deadline_of(context)
@@ -287,6 +300,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise InvalidArgument("dtype: feature maps are sent as FLOAT32 or FLOAT16")
         dtype, tag = FEATURE_DTYPES[request.dtype]
         batch = await self.images.decode(request.images, request.invert)
+        entry, features = self._after_decoding(
+            request.model, request.version, request.features or features
+        )
         assert entry.batcher is not None
         outputs = await entry.batcher.submit(batch, features, deadline_of(context))
         results = [

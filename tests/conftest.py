@@ -7,6 +7,7 @@ Export needs torch; where it is missing (a serving-only install), tests that nee
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,12 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, fmnist) -> Path:
     from export.pipeline import ExportRequest, export_model
     from export.registry import list_models
 
-    root = tmp_path_factory.mktemp("models")
+    # CNNSERVE_TEST_REPOSITORY keeps the repository between runs during development (delete
+    # the folder after changing a model); CI and a plain `make test` always build a fresh one.
+    kept = os.environ.get("CNNSERVE_TEST_REPOSITORY")
+    if kept and (Path(kept) / list_models()[-1]).is_dir():
+        return Path(kept)
+    root = Path(kept) if kept else tmp_path_factory.mktemp("models")
     for name in list_models():
         request = ExportRequest(
             model=name,
