@@ -309,3 +309,17 @@ def start_metrics_server(port: int = 0, addr: str = "0.0.0.0") -> MetricsServer:
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="metrics", daemon=True)
     thread.start()
     return MetricsServer(server, thread, server.server_port)
+
+
+def call_totals() -> tuple[dict[str, int], int]:
+    """Calls answered so far by status name, and calls in flight now (for the shutdown log)."""
+    answered: dict[str, int] = {}
+    inflight = 0
+    for metric in REQUESTS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                code = sample.labels["code"]
+                answered[code] = answered.get(code, 0) + int(sample.value)
+    for metric in INFLIGHT.collect():
+        inflight += sum(int(sample.value) for sample in metric.samples)
+    return answered, inflight

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -23,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service import metrics, security
 from service.config import MiB, Settings
+from service.draining import DrainInterceptor
 from service.oip import OipServicer
 from service.polling import RepositoryPoller
 from service.proto import cnnserve_pb2, cnnserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -80,6 +82,7 @@ class Server:
         self._metrics_server: metrics.MetricsServer | None = None
         self._stopping = False
         self._poller: asyncio.Task[None] | None = None
+        self.drain = DrainInterceptor()
 
     def _model_changed(self, entry: ModelVersion) -> None:
         """A model is SERVING while any of its versions is ready (an old one during a reload)."""
@@ -100,7 +103,8 @@ class Server:
         credentials = security.server_credentials(self.settings)
         self.repository.scan()
         server = grpc.aio.server(
-            interceptors=security.interceptors(self.settings, tokens),
+            # The drain check first: during shutdown even unauthenticated calls get its answer.
+            interceptors=[self.drain, *security.interceptors(self.settings, tokens)],
             options=grpc_options(self.settings),
         )
         cnnserve_pb2_grpc.add_InferenceServicer_to_server(
@@ -153,8 +157,13 @@ class Server:
         if self._poller is not None:
             self._poller.cancel()
         await self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        self.drain.start()  # new calls: UNAVAILABLE at once; running calls: go on
+        if not await self.drain.wait_idle(grace):
+            log.warning("grace period over with %d calls still running", self.drain.inflight)
         if self.grpc is not None:
-            await self.grpc.stop(self.settings.grace_seconds if grace is None else grace)
+            await self.grpc.stop(max(grace - (time.monotonic() - started), 0.1))
         await self.repository.close()
         self.executor.shutdown(wait=True)
         if self._metrics_server is not None:
@@ -182,4 +191,11 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down: finishing accepted calls (grace %.0f s)", settings.grace_seconds)
     await server.stop()
     start.cancel()
-    log.info("stopped")
+    answered, inflight = metrics.call_totals()
+    # The drain's proof: every call the servicers accepted was answered (tests read this line).
+    log.info(
+        "stopped: %d calls answered (%s), %d unanswered",
+        sum(answered.values()),
+        ", ".join(f"{code} {count}" for code, count in sorted(answered.items())) or "none",
+        inflight,
+    )

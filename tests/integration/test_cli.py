@@ -142,4 +142,4 @@ def test_sigterm_stops_the_server_cleanly(served) -> None:
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     log = process.stderr.read()
-    assert '"message": "shutting down' in log and '"message": "stopped"' in log
+    assert '"message": "shutting down' in log and '"message": "stopped: ' in log
