@@ -28,7 +28,7 @@ import numpy as np
 
 import service
 from service import metrics, preprocess
-from service.config import Settings
+from service.config import MiB, Settings
 from service.errors import (
     InvalidArgument,
     ServiceError,
@@ -47,6 +47,7 @@ from service.oip_tensors import (
 )
 from service.proto import grpc_service_pb2 as pb
 from service.proto import grpc_service_pb2_grpc as pb_grpc
+from service.replies import check_reply_size
 from service.repository import ModelRepository, ModelVersion, State
 from service.runtime import CUDA
 from service.servicer import STREAM_WINDOW, deadline_of, observed
@@ -88,6 +89,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.max_images = settings.max_images_per_request
+        self.send_limit = settings.max_send_message_mb * MiB
 
     def _described(self, name: str, version: str) -> ModelVersion:
         """A version whose model.json was read: metadata needs no loaded session."""
@@ -301,8 +303,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         requested = self._requested(entry, request.outputs)
         priority, deadline = self._schedule(request.parameters, context)
         batch = self._batch(entry, request)
-        assert entry.batcher is not None
         names = list(dict.fromkeys(output.name for output in requested))
+        check_reply_size(entry, names, len(batch), 4, self.send_limit, "outputs")
+        assert entry.batcher is not None
         values = await entry.batcher.submit(batch, names, deadline, priority)
         return self._response(entry, request.id, requested, values)
 

@@ -17,10 +17,11 @@ import grpc
 import numpy as np
 
 from service import metrics, preprocess
-from service.config import Settings
+from service.config import MiB, Settings
 from service.errors import InvalidArgument, ServiceError, status_of
 from service.proto import cnnserve_pb2 as pb
 from service.proto import cnnserve_pb2_grpc as pb_grpc
+from service.replies import check_reply_size
 from service.repository import ModelRepository, ModelVersion, State
 
 DEFAULT_TOP_K = 5
@@ -180,6 +181,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self.repository = repository
         self.images = Images(settings)
+        self.send_limit = settings.max_send_message_mb * MiB
 
     async def _observed(
         self, method: str, request: Any, context: grpc.aio.ServicerContext, call: Handler
@@ -219,6 +221,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         dtype, tag = FEATURE_DTYPES[request.feature_dtype]
         labels = entry.labels
         top_k = min(request.top_k or DEFAULT_TOP_K, len(labels))
+        check_reply_size(
+            entry,
+            ["probabilities", *features],
+            len(request.images),
+            np.dtype(dtype).itemsize,
+            self.send_limit,
+            "features",
+        )
         batch = await self.images.decode(request.images, request.invert)
         entry, features = self._after_decoding(request.model, request.version, request.features)
         assert entry.batcher is not None
@@ -299,6 +309,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if request.dtype not in FEATURE_DTYPES:
             raise InvalidArgument("dtype: feature maps are sent as FLOAT32 or FLOAT16")
         dtype, tag = FEATURE_DTYPES[request.dtype]
+        check_reply_size(
+            entry,
+            features,
+            len(request.images),
+            np.dtype(dtype).itemsize,
+            self.send_limit,
+            "features",
+        )
         batch = await self.images.decode(request.images, request.invert)
         entry, features = self._after_decoding(
             request.model, request.version, request.features or features
