@@ -43,7 +43,9 @@ def test_feature_maps_over_the_send_limit_are_refused_before_inference(
     with pytest.raises(grpc.RpcError) as refused:
         stub.FeatureMaps(big, timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.value.details().startswith("features: the reply would be about 1.5 MiB (16 images")
+    assert refused.value.details().startswith(
+        "features: the reply would be about 1.5 MiB (16 images"
+    )
     assert "--max-send-message-mb" in refused.value.details()
     # The same through Classify, and what the message suggests works: fewer images, or float16.
     with pytest.raises(grpc.RpcError) as classify:
