@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -90,6 +91,7 @@ class Batcher:
         # One FIFO per priority level, keyed by queue order; empty levels are removed.
         self._queues: dict[int, collections.deque[_Pending]] = {}
         self._queued_images = 0
+        self._reserved_images = 0  # admitted, still being decoded: the bound counts them too
         self._wakeup = asyncio.Event()
         self._closed = False
         self._busy = False
@@ -104,26 +106,47 @@ class Batcher:
             self._collect(), name=f"batcher {self.model}/{self.version}"
         )
 
+    def _check_room(self, n: int, already_reserved: int = 0) -> None:
+        if self._closed:
+            raise Unavailable(f"model {self.model} version {self.version} is shutting down")
+        waiting = self._queued_images + self._reserved_images - already_reserved
+        if waiting + n > self.policy.max_queue_images:
+            raise Overloaded(
+                f"model {self.model} queue is full ({waiting} images waiting, "
+                f"limit {self.policy.max_queue_images}); retry with backoff"
+            )
+
+    @contextlib.contextmanager
+    def admitted(self, n: int) -> Iterator[int]:
+        """Hold room for `n` images while the request decodes them; yields what it reserved.
+
+        A request is refused (RESOURCE_EXHAUSTED) on arrival, before any decoding, when the
+        queue plus the images other requests are decoding would go over the bound: under
+        overload the server sheds excess calls at once instead of decoding them first.
+        """
+        self._check_room(n)
+        self._reserved_images += n
+        try:
+            yield n
+        finally:
+            self._reserved_images -= n
+
     def submit(
         self,
         images: np.ndarray,
         outputs: Sequence[str],
         deadline: float | None = None,
         priority: int = DEFAULT_PRIORITY,
+        reserved: int = 0,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
         """Queue `images` (N x 1 x 28 x 28 float32); the future resolves to the asked outputs.
 
         `priority`: 1 is served first, then 2, ...; 0 (the default) after every explicit level.
+        `reserved`: images this request already holds room for (`admitted`).
         """
         level = _level(priority)
-        if self._closed:
-            raise Unavailable(f"model {self.model} version {self.version} is shutting down")
         n = len(images)
-        if self._queued_images + n > self.policy.max_queue_images:
-            raise Overloaded(
-                f"model {self.model} queue is full ({self._queued_images} images waiting, "
-                f"limit {self.policy.max_queue_images}); retry with backoff"
-            )
+        self._check_room(n, already_reserved=min(reserved, n))
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(level, collections.deque()).append(
             _Pending(images, tuple(outputs), future, deadline)

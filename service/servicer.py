@@ -18,7 +18,7 @@ import numpy as np
 
 from service import metrics, preprocess
 from service.config import MiB, Settings
-from service.errors import InvalidArgument, ServiceError, status_of
+from service.errors import DeadlineExceeded, InvalidArgument, ServiceError, status_of
 from service.proto import cnnserve_pb2 as pb
 from service.proto import cnnserve_pb2_grpc as pb_grpc
 from service.replies import check_reply_size
@@ -108,7 +108,8 @@ class Images:
     def _all(self, images: Any, invert: preprocess.Invert) -> np.ndarray:
         return preprocess.stack([self._one(image, i, invert) for i, image in enumerate(images)])
 
-    async def decode(self, images: Any, invert_value: int) -> np.ndarray:
+    def check(self, images: Any, invert_value: int) -> preprocess.Invert:
+        """The request-level checks, cheap and before any decoding; the invert mode."""
         if not images:
             raise InvalidArgument("images: at least one image is required")
         if len(images) > self.max_images:
@@ -118,7 +119,10 @@ class Images:
             )
         if invert_value not in INVERT:
             raise InvalidArgument(f"invert: unknown value {invert_value}")
-        invert = INVERT[invert_value]
+        return INVERT[invert_value]
+
+    async def decode(self, images: Any, invert_value: int) -> np.ndarray:
+        invert = self.check(images, invert_value)
         encoded = sum(len(image.encoded) for image in images)
         if encoded >= DECODE_IN_THREAD_BYTES:
             return await asyncio.get_running_loop().run_in_executor(None, self._all, images, invert)
@@ -195,6 +199,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # Classify -----------------------------------------------------------------------------
 
+    async def _run(
+        self,
+        entry: ModelVersion,
+        request: pb.ClassifyRequest | pb.FeatureMapsRequest,
+        features: Sequence[str],
+        outputs_for: Callable[[list[str]], list[str]],
+        context: grpc.aio.ServicerContext,
+    ) -> tuple[ModelVersion, list[str], np.ndarray, dict[str, np.ndarray]]:
+        """Admit, decode, look the version up again, queue: every request's way to a batch.
+
+        Admission comes first, so an overloaded model refuses a call before decoding it, and a
+        call whose deadline has passed is dropped before costing anything.
+        """
+        self.images.check(request.images, request.invert)
+        deadline = deadline_of(context)
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            raise DeadlineExceeded("the deadline passed before the request could start")
+        assert entry.batcher is not None
+        with entry.batcher.admitted(len(request.images)) as reserved:
+            batch = await self.images.decode(request.images, request.invert)
+            current, names = self._after_decoding(request.model, request.version, features)
+            assert current.batcher is not None
+            future = current.batcher.submit(
+                batch, outputs_for(names), deadline, reserved=reserved if current is entry else 0
+            )
+        return current, names, batch, await future
+
     def _after_decoding(
         self, model: str, version: str, features: Sequence[str]
     ) -> tuple[ModelVersion, list[str]]:
@@ -229,11 +260,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.send_limit,
             "features",
         )
-        batch = await self.images.decode(request.images, request.invert)
-        entry, features = self._after_decoding(request.model, request.version, request.features)
-        assert entry.batcher is not None
-        outputs = await entry.batcher.submit(
-            batch, ["probabilities", *features], deadline_of(context)
+        entry, features, batch, outputs = await self._run(
+            entry, request, request.features, lambda names: ["probabilities", *names], context
         )
         probabilities = outputs["probabilities"]
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
@@ -317,12 +345,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.send_limit,
             "features",
         )
-        batch = await self.images.decode(request.images, request.invert)
-        entry, features = self._after_decoding(
-            request.model, request.version, request.features or features
+        entry, features, batch, outputs = await self._run(
+            entry, request, request.features or features, list, context
         )
-        assert entry.batcher is not None
-        outputs = await entry.batcher.submit(batch, features, deadline_of(context))
         results = [
             pb.ImageFeatures(features=feature_maps(outputs, features, i, dtype, tag))
             for i in range(len(batch))

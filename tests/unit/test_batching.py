@@ -98,6 +98,32 @@ def test_full_queue_fails_fast_with_overloaded() -> None:
     assert recorder.batches == [4, 4, 4]
 
 
+def test_images_still_decoding_count_against_the_bound() -> None:
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=4, max_queue_images=8)
+        running = batcher.submit(images(4, 1), ["sum"])
+        await asyncio.to_thread(recorder.started.wait, 5)
+        with batcher.admitted(6) as reserved:  # a request decoding its 6 images
+            with pytest.raises(Overloaded, match="6 images waiting"):
+                with batcher.admitted(3):  # refused on arrival, before any decoding
+                    pass
+            with pytest.raises(Overloaded):
+                batcher.submit(images(3, 1), ["sum"])
+            # Its own submit is not counted twice: 6 reserved become 6 queued.
+            queued = batcher.submit(images(6, 1), ["sum"], reserved=reserved)
+        with batcher.admitted(2):  # 6 queued + 2 = the bound: still fits
+            pass
+        recorder.release.set()
+        await asyncio.gather(running, queued)
+        await batcher.close()
+
+    run(main())
+    assert sorted(recorder.batches) == [4, 6]
+
+
 def test_expired_and_cancelled_requests_cost_no_inference() -> None:
     recorder = Recorder()
 
