@@ -8,7 +8,8 @@ MODELS ?= models
 FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast models report quick-models lint format protos clean
+.PHONY: setup serve test test-fast models report quick-models lint format protos clean \
+	bench bench-quick bench-triton-env
 
 setup: $(STAMP)
 
@@ -67,6 +68,37 @@ models: setup
 # Measure the repository's models again and rewrite docs/MODELS.md (no training).
 report: setup
 	$(BIN)/cnnserve-export report --model-repository $(MODELS)
+
+# Serving benchmarks: cnnserve beside raw ONNX Runtime, Triton (via PyTriton) and a naive
+# server, then docs/BENCHMARKS.md from the JSON (bench/serving). Run it on a quiet machine: about
+# half an hour, more the first time, when it exports the whole family for the memory figure.
+# Triton lives in its own environment: PyTriton ships a tritonserver binary and pins numpy < 2,
+# neither of which belongs in the project's. If it cannot be made, the suite skips Triton and
+# says why in the report.
+TRITON_VENV := bench/.venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_PACKAGES := nvidia-pytriton==0.7.0 onnxruntime==1.32.0 numpy==1.26.4
+
+bench-triton-env: $(TRITON_STAMP)
+
+$(TRITON_STAMP): | setup
+	test -x $(TRITON_VENV)/bin/python || \
+		"$$($(BIN)/python -c 'import sys; print(sys._base_executable)')" -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet $(TRITON_PACKAGES)
+	@touch $@
+
+bench: setup
+	@$(MAKE) --no-print-directory bench-triton-env || \
+		echo "bench: no Triton environment; the suite will skip Triton and say why"
+	$(BIN)/python -m bench.serving
+
+# A smoke run (seconds per point, one repeat); it writes under bench/results/quick/, never docs/.
+bench-quick: setup
+	@$(MAKE) --no-print-directory bench-triton-env || \
+		echo "bench-quick: no Triton environment; the suite will skip Triton and say why"
+	$(BIN)/python -m bench.serving --quick --out bench/results/quick/serving.json \
+		--docs bench/results/quick/BENCHMARKS.md
 
 test: setup
 	$(BIN)/python -m pytest -ra

@@ -16,13 +16,17 @@ import multiprocessing
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 
-from bench.reliability.workload import Call
+if TYPE_CHECKING:  # not at run time: a tritonclient load process (bench/serving) imports
+    # this module, and the workload's generated OIP messages clash with tritonclient's own
+    from bench.reliability.workload import Call
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -175,17 +179,40 @@ class _Driver:
             await asyncio.wait(inflight)
 
 
-def _main(plan: Plan, out: str) -> None:
-    driver = _Driver(plan)
-    asyncio.run(driver.run())
-    rows = np.array(driver.rows, dtype=np.float64).reshape(-1, 4)
+def save_records(
+    out: str,
+    rows: list[tuple[float, float, int, int]],
+    *,
+    began: float,
+    ended: float,
+    checked: int,
+    wrong: int,
+    not_sent: int = 0,
+    loop_lag_ms: float = 0.0,
+) -> None:
+    """Write a load process's records where `run_in_process` reads them back."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     np.savez(
         out,
-        rows=rows,
+        rows=np.array(rows, dtype=np.float64).reshape(-1, 4),
+        began=began,
+        ended=ended,
+        client_cpu_seconds=usage.ru_utime + usage.ru_stime,
+        checked=checked,
+        wrong=wrong,
+        not_sent=not_sent,
+        loop_lag_ms=loop_lag_ms,
+    )
+
+
+def _main(plan: Plan, out: str) -> None:
+    driver = _Driver(plan)
+    asyncio.run(driver.run())
+    save_records(
+        out,
+        driver.rows,
         began=driver.began,
         ended=driver.ended,
-        client_cpu_seconds=usage.ru_utime + usage.ru_stime,
         checked=driver.checked,
         wrong=driver.wrong,
         not_sent=driver.not_sent,
@@ -195,10 +222,21 @@ def _main(plan: Plan, out: str) -> None:
 
 def run_load(plan: Plan, workdir: Path) -> Records:
     """Run `plan` in a fresh spawned process and read back its records."""
+    return run_in_process(_main, plan, plan.seconds + plan.timeout + 120, workdir)
+
+
+def run_in_process(
+    target: Callable[[Any, str], None], plan: Any, limit_s: float, workdir: Path
+) -> Records:
+    """Run `target(plan, out)` in a fresh spawned process; it ends with `save_records(out)`.
+
+    Other benchmarks bring their own load loop (bench/serving drives stock clients) and share
+    this process handling and the record format.
+    """
     out = workdir / f"load-{time.monotonic_ns()}.npz"
-    process = multiprocessing.get_context("spawn").Process(target=_main, args=(plan, str(out)))
+    process = multiprocessing.get_context("spawn").Process(target=target, args=(plan, str(out)))
     process.start()
-    process.join(plan.seconds + plan.timeout + 120)
+    process.join(limit_s)
     if process.is_alive():
         process.kill()
         process.join()

@@ -1,0 +1,252 @@
+"""docs/BENCHMARKS.md and its goals come from the serving suite's JSON alone: checked on a
+small synthetic JSON, so a goal judged wrongly or a figure dropped from a table fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.serving import goals, report
+
+
+def summary(images_per_s: float, p50: float, p99: float, cpu_per_1000: float) -> dict[str, Any]:
+    return {
+        "repeats": 2,
+        "images_per_s": images_per_s,
+        "images_per_s_min": images_per_s * 0.9,
+        "images_per_s_max": images_per_s * 1.1,
+        "spread_pct": 20.0,
+        "calls_per_s": images_per_s,
+        "p50": p50,
+        "p90": 2 * p50,
+        "p99": p99,
+        "server_cpu_s_per_1000": cpu_per_1000,
+        "client_cpu_s_per_1000": 0.5,
+        "images_per_server_cpu_s": 1000 / cpu_per_1000,
+        "rss_mib": 130.0,
+        "calls": 1000,
+        "errors": 0,
+        "replies_wrong": 0,
+    }
+
+
+def point(system: str, work: str, c: int, s: dict[str, Any]) -> dict[str, Any]:
+    model, _, rest = work.partition(" ")
+    images = 32 if rest.startswith("x32") else 1
+    return {
+        "system": system,
+        "workload": work,
+        "model": model,
+        "images_per_request": images,
+        "outputs": ["probabilities"],
+        "concurrency": c,
+        "runs": [],
+        "summary": s,
+    }
+
+
+SAW = {"handler_ms": 30.0, "queue_wait_ms": 12.5, "inference_ms": 15.0, "batch_images": 21.0}
+
+
+def raw_row(batch: int, images_per_s: float, p50: float) -> dict[str, Any]:
+    return {
+        "batch": batch,
+        "repeats": 2,
+        "images_per_s": images_per_s,
+        "images_per_cpu_s": images_per_s,
+        "cpu_s_per_1000": 1000 / images_per_s,
+        "p50": p50,
+        "p90": p50,
+        "p99": p50,
+        "spread_pct": 5.0,
+    }
+
+
+def synthetic() -> dict[str, Any]:
+    lenet_rows = [raw_row(1, 5000.0, 0.2), raw_row(256, 40000.0, 6.4)]
+    resnet_rows = [raw_row(1, 400.0, 2.5), raw_row(64, 1000.0, 64.0)]
+    raw = {
+        "models": {
+            "lenet5": {"spinning off": {"batches": lenet_rows, "rss_mib": 60.0}},
+            "resnet": {
+                "spinning off": {
+                    "batches": resnet_rows,
+                    "rss_mib": 80.0,
+                    "every_output_b1": raw_row(1, 300.0, 3.3),
+                    "every_output_best": raw_row(64, 700.0, 91.0),
+                    "feature_b1": raw_row(1, 390.0, 2.55),
+                    "feature_copy_ms": 0.01,
+                    "feature_bytes": 50176,
+                }
+            },
+        },
+        "limit": {
+            "lenet5": {"spinning": "spinning off", **lenet_rows[1]},
+            "resnet": {"spinning": "spinning off", **resnet_rows[1]},
+        },
+        "batch1": {
+            "lenet5": {"spinning": "spinning off", **lenet_rows[0]},
+            "resnet": {"spinning": "spinning off", **resnet_rows[0]},
+        },
+        "feature_cost": {
+            "model": "resnet",
+            "spinning": "spinning off",
+            "bytes": 50176,
+            "ort_extra_ms": 0.05,
+            "bytes_copy_ms": 0.01,
+            "copy_ms": 0.06,
+        },
+    }
+    points = [
+        # resnet at 32: 800 / 1000 = 0.8 x the limit (met), 0.8 x its CPU efficiency (missed).
+        point("native", "resnet x1", 32, summary(800.0, 40.0, 80.0, 1.25) | {"server_saw": SAW}),
+        point("native", "resnet x1", 1, summary(350.0, 2.9, 4.0, 2.9)),
+        point("native", "resnet x1 + layer1", 1, summary(340.0, 2.95, 4.2, 3.0)),
+        point("native", "lenet5 x1", 1, summary(1500.0, 0.6, 1.0, 0.7)),
+        point("native", "lenet5 x32", 1, summary(20000.0, 1.6, 3.0, 0.05)),
+        point("native", "lenet5 x32", 8, summary(26000.0, 9.8, 12.0, 0.04)),
+        # lenet5 at 32 over the same client: 3 x naive (met), 2.5 x Triton (missed).
+        point("oip", "lenet5 x1", 32, summary(3000.0, 10.0, 20.0, 0.6)),
+        point("naive", "lenet5 x1", 32, summary(1000.0, 30.0, 60.0, 1.8)),
+        point("triton", "lenet5 x1", 32, summary(1200.0, 25.0, 70.0, 2.2)),
+        point("triton", "resnet x1", 32, summary(300.0, 100.0, 160.0, 3.1)),
+        point(
+            "triton",
+            "resnet x1, Triton bound to probabilities only",
+            32,
+            summary(650.0, 47.0, 77.0, 1.6),
+        ),
+    ]
+    data: dict[str, Any] = {
+        "command": "python -m bench.serving --quick",
+        "date": "2026-01-01 12:00:00 UTC",
+        "quick": True,
+        "model_repository": "bench/models",
+        "load_average_start": [2.5, 2.0, 1.0],
+        "load_average_end": [3.0, 2.0, 1.0],
+        "seconds": 95.0,
+        "settings": {
+            "systems": ["raw", "native", "oip", "triton", "naive"],
+            "seconds": 2.0,
+            "repeats": 2,
+            "concurrencies": [1, 8, 32],
+            "warmup_s": 0.5,
+            "raw_seconds": 0.5,
+            "raw_batches": [1, 256],
+            "allow_spinning": [False],
+            "baselines_allow_spinning": False,
+        },
+        "machine": {"cpu": "Test CPU 9000", "cores": 2, "platform": "Linux", "niceness": 15},
+        "versions": {"python": "3.11.7", "onnxruntime": "1.0"},
+        "triton": {"note": "Triton with its Python backend", "versions": {"pytriton": "0.7.0"}},
+        "exported": ["train --model resnet"],
+        "workloads": [
+            {"name": "lenet5 x1", "model": "lenet5", "images": 1, "outputs": ["probabilities"]},
+            {"name": "lenet5 x32", "model": "lenet5", "images": 32, "outputs": ["probabilities"]},
+            {"name": "resnet x1", "model": "resnet", "images": 1, "outputs": ["probabilities"]},
+            {
+                "name": "resnet x1 + layer1",
+                "model": "resnet",
+                "images": 1,
+                "outputs": ["probabilities", "features.layer1"],
+            },
+        ],
+        "raw": raw,
+        "points": points,
+        "servers": {
+            "cnnserve": {
+                "command": ["python", "-m", "service.cli", "serve", "--grpc-port", "4242"],
+                "startup_s": [1.1, 1.3],
+                "rss_ready_mib": [120.0, 121.0],
+            }
+        },
+        "footprint": {
+            "quick_set": {
+                "models": ["logreg", "mlp", "lenet5", "kirsch"],
+                "startup_s": [2.5, 3.5],
+                "startup_s_median": 3.2,
+                "rss_mib": 140.0,
+            },
+            "family": {"skipped": "--no-family, the default with --quick"},
+        },
+        "skipped": {},
+    }
+    data["goals"] = goals.compute(data)
+    return data
+
+
+def verdicts(data: dict[str, Any]) -> dict[str, bool | None]:
+    return {g["goal"]: g["met"] for g in data["goals"]}
+
+
+def test_goals_are_judged_from_the_figures() -> None:
+    met = verdicts(synthetic())
+    assert met["resnet, concurrency 32: throughput"] is True
+    assert met["resnet, concurrency 32: images per server CPU-second"] is False
+    assert met["lenet5, concurrency 32: vs the naive baseline"] is True
+    assert met["lenet5, concurrency 32: vs Triton"] is False
+    assert met["lenet5, batches of 32 per request"] is True  # 26,000 / 40,000 = 0.65
+    assert met["lenet5, concurrency 1: p50 latency"] is True  # 0.6 <= 0.2 + 0.5
+    assert met["resnet, concurrency 1: p50 latency"] is True  # 2.9 <= 2.5 + 0.5
+    assert met["resnet: overhead of asking for the stage-1 map"] is True  # 0.05 <= 0.06
+    assert met["resnet: asking for a feature map runs no second inference"] is True
+    assert met["start-up to ready with the quick set"] is False  # 3.2 s
+    assert met["resident memory with the whole family loaded"] is None
+
+
+def test_unmeasured_goals_are_not_run_never_guessed() -> None:
+    data = synthetic()
+    data["points"] = [p for p in data["points"] if p["system"] != "triton"]
+    data.pop("raw")
+    met = verdicts(data | {"goals": goals.compute(data)})
+    assert met["lenet5, concurrency 32: vs Triton"] is None
+    assert met["resnet, concurrency 32: throughput"] is None
+    assert met["lenet5, concurrency 32: vs the naive baseline"] is True
+
+
+def test_spinning_both_ways_judges_our_goals_twice() -> None:
+    data = synthetic()
+    data["points"].append(point("native+spin", "resnet x1", 32, summary(500.0, 60.0, 90.0, 2.0)))
+    met = verdicts(data | {"goals": goals.compute(data)})
+    assert met["resnet, concurrency 32: throughput"] is True
+    assert met["resnet, concurrency 32: throughput (spinning on)"] is False  # 0.5 x
+
+
+def test_every_section_and_table_is_rendered() -> None:
+    text = report.render(synthetic())
+    assert "Generated by `python -m bench.serving --quick`" in text
+    assert "**Test CPU 9000**" in text and "`--quick` smoke run" in text
+    for section in ("## Summary", "## Single images at concurrency 32", "## Every point"):
+        assert section in text
+    for section in ("## Raw ONNX Runtime", "## Feature outputs", "## Start-up and memory"):
+        assert section in text
+    assert "7 of 11 goals met, **3 missed**, 1 not run." in text
+    rows = [line for line in text.splitlines() if line.startswith("| cnnserve, native Classify |")]
+    assert "| cnnserve, native Classify | 32 | 800 | 20% | 0.80 x | 2.67 x | 40 |" in text
+    assert any(row.startswith("| cnnserve, native Classify | 8 | 26,000 |") for row in rows)
+    limit = "| ONNX Runtime in-process (the limit), batch 64, spinning off | – | 1,000 | 5% |"
+    assert limit in text and "| 0 | 1 | – | 80 |" in text  # CPU s per 1,000, RSS MiB
+    assert "| resnet: overhead of asking for the stage-1 map | <= the cost of copying" in text
+    assert "| 256 | 40,000 | 6.4 | 40,000 |" in text  # raw lenet5, batch 256
+    assert "bound with `probabilities` only: 650 images/s" in text
+    assert "at batch 64, 1,000 images/s with `probabilities` alone against 700 with every" in text
+    assert "| cnnserve, native Classify | resnet x1 | 32 | 40 | 30 | 12.5 | 15 | 21 |" in text
+    assert "Server: " not in text and "`cnnserve serve --grpc-port 4242`" in text
+    assert "Whole family: not measured (--no-family, the default with --quick)." in text
+    assert "Triton: Triton with its Python backend (pytriton 0.7.0)." in text
+    assert "None" not in text and "nan" not in text
+
+
+def test_a_skipped_triton_says_why() -> None:
+    data = synthetic()
+    data["skipped"] = {"triton": "bench/.venv-triton/bin/python is missing"}
+    text = report.render(data)
+    assert "**Triton was not measured:** bench/.venv-triton/bin/python is missing." in text
+    assert "- Skipped triton: bench/.venv-triton/bin/python is missing" in text
+
+
+def test_write_adds_the_picture_beside_the_markdown(tmp_path: Path) -> None:
+    path = report.write(synthetic(), tmp_path / "docs" / "BENCHMARKS.md")
+    assert path.read_text().count(f"]({report.PICTURE})") == 1
+    picture = tmp_path / "docs" / report.PICTURE
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
