@@ -75,7 +75,7 @@ def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
     axes.set(
         xlabel="MFLOPs per image (log scale)",
         ylabel="test accuracy (ONNX Runtime)",
-        title="Fashion-MNIST: accuracy against cost (filled: float32, open: int8)",
+        title="Fashion-MNIST: test accuracy against cost per image",
     )
     axes.grid(alpha=0.3, which="both")
     figure.tight_layout()

@@ -266,9 +266,8 @@ def quantize_auto(
     config = json.loads((candidate / repository.CONFIG_FILE).read_text())
     base = root / name / str(config["quantization"]["base"]["version"]) / repository.MODEL_FILE
     images = (data.test_images[: speed.THROUGHPUT_BATCH, None] / 255.0).astype(np.float32)
-    float32_speed = speed.measure(base, ["probabilities"], images, seconds)
-    int8_speed = speed.measure(
-        candidate / repository.MODEL_FILE, ["probabilities"], images, seconds
+    float32_speed, int8_speed = speed.compare(
+        base, candidate / repository.MODEL_FILE, ["probabilities"], images, seconds
     )
     reasons = verdict(config["quantization"]["accuracy_drop"], int8_speed, float32_speed)
     config = {k: v for k, v in config.items() if k not in ("name", "version", "file")}

@@ -80,3 +80,30 @@ def measure(
         throughput=round(THROUGHPUT_BATCH / statistics.median(bulk), 1),
         threads=sess.get_session_options().intra_op_num_threads,
     )
+
+
+def best(figures: list[Speed]) -> Speed:
+    """The best of repeated measurements: noise on a shared machine only ever slows a run."""
+    return Speed(
+        latency_ms=min(f.latency_ms for f in figures),
+        latency_p90_ms=min(f.latency_p90_ms for f in figures),
+        throughput=max(f.throughput for f in figures),
+        threads=figures[0].threads,
+    )
+
+
+def compare(
+    first: Path,
+    second: Path,
+    outputs: list[str],
+    images: np.ndarray,
+    seconds: float = 1.0,
+    rounds: int = 3,
+) -> tuple[Speed, Speed]:
+    """Two models measured in alternating rounds, best of each: a fair race on a noisy machine."""
+    a: list[Speed] = []
+    b: list[Speed] = []
+    for _ in range(rounds):
+        a.append(measure(first, outputs, images, seconds))
+        b.append(measure(second, outputs, images, seconds))
+    return best(a), best(b)
