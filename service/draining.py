@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from service.security import HEALTH_METHODS
+from service.security import HEALTH_METHODS, rejecting_handler
 
 QUIET_SECONDS = 0.2  # no new call for this long before the port closes
 POLL_SECONDS = 0.02
@@ -122,9 +122,5 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             return handler
         self.last_arrival = time.monotonic()
         if self.draining:
-
-            async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-
-            return _same_kind(handler, refuse)
+            return rejecting_handler(handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         return self._counted(handler)

@@ -119,13 +119,18 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED."""
+def rejecting_handler(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that ends the call with `code` and `message`.
+
+    It takes raw bytes in and out, so a refused request is never parsed. Shared by the token
+    check here and the shutdown drain (service/draining.py).
+    """
 
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
-    # Raw bytes in and out: a rejected request is never parsed.
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(reject)
     if handler.request_streaming:
@@ -175,7 +180,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if problem is None:
             return handler
         metrics.observe_auth_rejected(method, "missing" if problem == MISSING_TOKEN else "invalid")
-        return _rejecting_handler(handler, problem)
+        return rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem)
 
 
 def interceptors(settings: Settings, tokens: Sequence[str]) -> list[grpc.aio.ServerInterceptor]:
