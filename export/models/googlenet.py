@@ -109,7 +109,7 @@ def inception_network(width: float, bn: bool, dropout: float) -> FamilyModel:
 
 @register_model(
     Recipe(
-        epochs=14,
+        epochs=12,
         lr=2e-3,
         weight_decay=5e-2,
         label_smoothing=0.1,
@@ -118,16 +118,18 @@ def inception_network(width: float, bn: bool, dropout: float) -> FamilyModel:
     ),
     goal=0.93,
 )
-def googlenet(width: float = 0.25) -> FamilyModel:
+def googlenet(width: float = 0.375) -> FamilyModel:
     """GoogLeNet (Inception v1) modules 3a to 5a, no BatchNorm, at `width` times its channels.
 
     Stages stem (28x28), pool2 (14x14), inception3a, inception3b, pool3 (7x7), inception4a,
     inception4b, pool4 (4x4), inception5a. Like the paper, which shrinks 224 to 28 pixels before
     module 3a, the image is pooled once before the first module: a quarter of the cost of
     running 3a and 3b at 28x28, which keeps training within its budget. The head is global
-    average pooling, 40% dropout and one fc layer.
+    average pooling, 20% dropout and one fc layer. Version 1 (width 0.25, 40% dropout, 14
+    epochs) under-fitted: 92.9% train accuracy under augmentation and 92.0% test, short of its
+    goal, so the width spends the budget on capacity and the dropout is halved.
     """
-    return inception_network(width, bn=False, dropout=0.4)
+    return inception_network(width, bn=False, dropout=0.2)
 
 
 @register_model(
