@@ -2,10 +2,12 @@
 
 The contract, one batcher per loaded model version:
 - `submit()` never blocks: a full queue raises `Overloaded` at once (RESOURCE_EXHAUSTED).
-- One collector task takes the oldest request, then gathers more until `max_batch_size` images
-  or until `max_queue_delay` has passed since that oldest request arrived. Requests that
-  arrive while a batch runs simply wait for the next one, so under load batches fill by
-  themselves and at low load a lone request goes straight through.
+- One collector task takes the oldest request and gathers what else is queued, up to
+  `max_batch_size` images. With no batch running it sends the batch at once: a lone request
+  never waits for company, and requests that arrive while a batch runs wait for the next one,
+  so under load batches fill by themselves. At most `max_in_flight` batches run at once;
+  while one runs and a slot is free, the next batch waits up to `max_queue_delay` (from its
+  oldest request's arrival) to fill, Triton's dynamic batching delay.
 - A request is never split across batches; one larger than `max_batch_size` runs on its own.
 - Priorities follow Triton: 1 is the highest level, 2 the next, and so on; 0 (the default) is
   below every explicit level. The collector always takes from the highest non-empty level, in
@@ -62,6 +64,7 @@ class BatchPolicy:
     max_batch_size: int = 64
     max_queue_delay_s: float = 0.001
     max_queue_images: int = 4096  # images waiting, across requests, before RESOURCE_EXHAUSTED
+    max_in_flight: int = 1  # batches of one model running at once
 
 
 @dataclass(eq=False)
@@ -94,7 +97,7 @@ class Batcher:
         self._reserved_images = 0  # admitted, still being decoded: the bound counts them too
         self._wakeup = asyncio.Event()
         self._closed = False
-        self._busy = False
+        self._running: set[asyncio.Task[None]] = set()  # batches in inference
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -196,7 +199,7 @@ class Batcher:
                 del self._queues[level]
 
     async def _gather(self) -> list[_Pending]:
-        """Up to max_batch_size images, waiting at most max_queue_delay for the batch to fill."""
+        """Up to max_batch_size images; waits for more only while another batch runs."""
         limit = self.policy.max_batch_size
         batch = [self._pop()]
         size = len(batch[0].images)
@@ -213,9 +216,9 @@ class Batcher:
                 size += len(item.images)
                 continue
             remaining = wait_until - time.perf_counter()
-            if remaining <= 0 or self._closed:
+            if remaining <= 0 or self._closed or not self._running:
                 break
-            self._wakeup.clear()
+            self._wakeup.clear()  # a new request, or a running batch ending, sets it
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
@@ -226,8 +229,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             self._drop_dead(loop.time())
-            if not self._queues:
-                if self._closed:
+            if not self._queues or len(self._running) >= self.policy.max_in_flight:
+                if not self._queues and self._closed and not self._running:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -236,7 +239,13 @@ class Batcher:
             batch = [p for p in batch if not p.future.done()]
             metrics.set_queue_depth(self.model, self.version, self._queued_images)
             if batch:
-                await self._execute(batch)
+                task = loop.create_task(self._execute(batch))
+                self._running.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wakeup.set()
 
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ class Settings:
     max_batch_size: int = 0  # 0: each model's own default from model.json
     max_queue_delay_ms: float = -1.0  # negative: each model's own default
     max_queue_images: int = 4096
+    max_batches_in_flight: int = 1
     max_images_per_request: int = 1024
     max_pixels: int = 4096 * 4096
     max_receive_message_mb: int = 256
@@ -76,6 +77,8 @@ HELP: dict[str, str] = {
     "max_batch_size": "largest batch per session.run (0: each model's default from model.json)",
     "max_queue_delay_ms": "longest wait for a batch to fill (negative: each model's default)",
     "max_queue_images": "images that may wait per model before calls fail with RESOURCE_EXHAUSTED",
+    "max_batches_in_flight": "batches of one model in inference at once; with more than 1, "
+    "a batch waits up to the queue delay to fill while another runs",
     "max_images_per_request": "images allowed in one request",
     "max_pixels": "decoded pixels allowed per image (decompression-bomb guard)",
     "max_receive_message_mb": "largest gRPC message the server accepts, in MiB",
@@ -192,6 +195,7 @@ def validate(settings: Settings) -> None:
         (-1 <= settings.metrics_port <= 65535, "metrics_port must be 0-65535"),
         (settings.max_batch_size >= 0, "max_batch_size must be >= 0"),
         (settings.max_queue_images > 0, "max_queue_images must be > 0"),
+        (settings.max_batches_in_flight > 0, "max_batches_in_flight must be > 0"),
         (settings.max_images_per_request > 0, "max_images_per_request must be > 0"),
         (settings.executor_threads > 0, "executor_threads must be > 0"),
         (settings.max_receive_message_mb > 0, "max_receive_message_mb must be > 0"),

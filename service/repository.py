@@ -47,6 +47,7 @@ class BatchOverrides:
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
     max_queue_images: int = 4096
+    max_in_flight: int = 1
 
 
 @dataclass(eq=False)
@@ -178,7 +179,12 @@ class ModelRepository:
         delay_ms = self.batching.max_queue_delay_ms
         if delay_ms is None:
             delay_ms = float(defaults.get("max_queue_delay_ms", 1.0))
-        return BatchPolicy(size, delay_ms / 1000.0, max(self.batching.max_queue_images, size))
+        return BatchPolicy(
+            size,
+            delay_ms / 1000.0,
+            max(self.batching.max_queue_images, size),
+            self.batching.max_in_flight,
+        )
 
     def _create(self, entry: ModelVersion, policy: BatchPolicy) -> ModelRuntime:
         runtime = ModelRuntime(entry.path, self.runtime_options)

@@ -71,6 +71,7 @@ class Server:
                 if settings.max_queue_delay_ms < 0
                 else settings.max_queue_delay_ms,
                 max_queue_images=settings.max_queue_images,
+                max_in_flight=settings.max_batches_in_flight,
             ),
             self.executor,
             only=settings.models or None,

@@ -246,3 +246,40 @@ def test_higher_priority_requests_are_taken_from_the_queue_first() -> None:
     # Within a level, arrival order; every request still gets its own answer.
     assert order == [0, 4, 6, 2, 5, 1, 3]
     assert [r["sum"][0, 0] for r in results] == [784.0 * i for i in range(7)]
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay() -> None:
+    """Nothing running: the batch goes at once, whatever max_queue_delay says."""
+    recorder = Recorder()
+
+    async def main():
+        batcher, _ = make(recorder, max_batch_size=64, max_queue_delay_s=30.0)
+        result = await asyncio.wait_for(batcher.submit(images(1, 1), ["sum"]), 5)
+        await batcher.close()
+        return result
+
+    assert run(main())["sum"][0, 0] == 784
+    assert recorder.batches == [1]
+
+
+def test_a_second_batch_in_flight_waits_the_delay_to_fill() -> None:
+    """With two slots, a batch starts beside a running one after gathering for the delay."""
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=64, max_queue_delay_s=0.2, max_in_flight=2)
+        first = batcher.submit(images(1, 0), ["sum"])  # runs at once and is held
+        await asyncio.to_thread(recorder.started.wait, 5)
+        recorder.started.clear()
+        early = batcher.submit(images(2, 1), ["sum"])
+        await asyncio.sleep(0.05)  # within the delay: joins the same second batch
+        late = batcher.submit(images(3, 2), ["sum"])
+        assert await asyncio.to_thread(recorder.started.wait, 5)  # second batch runs beside
+        assert not first.done()
+        recorder.release.set()
+        await asyncio.gather(first, early, late)
+        await batcher.close()
+
+    run(main())
+    assert recorder.batches == [5, 1] or recorder.batches == [1, 5]
