@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from service import config, connection
+from service import config, connection, loops
 from service.pictures import command as pictures_command
 from service.scoring import command as scoring_command
 
@@ -110,7 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loops.factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except (FileNotFoundError, OSError) as error:
         logging.getLogger("cnnserve").error("%s", error)
         return 1

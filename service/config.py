@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from service import security
+from service import loops, security
 
 ENV_PREFIX = "CNNSERVE_"
 MiB = 1024 * 1024
@@ -39,6 +39,7 @@ class Settings:
     inter_op_threads: int = 1
     allow_spinning: bool = False
     executor_threads: int = 2
+    event_loop: str = "auto"  # auto | uvloop | asyncio
     max_batch_size: int = 0  # 0: each model's own default from model.json
     max_queue_delay_ms: float = -1.0  # negative: each model's own default
     max_queue_images: int = 4096
@@ -74,6 +75,8 @@ HELP: dict[str, str] = {
     "allow_spinning": "let ONNX Runtime threads spin while idle (faster on idle cores, "
     "steals CPU from the gRPC threads on a small machine)",
     "executor_threads": "threads that run batches (session.run releases the GIL)",
+    "event_loop": "auto | uvloop | asyncio; auto takes uvloop where installed (less CPU per "
+    "call, see docs/BENCHMARKS.md)",
     "max_batch_size": "largest batch per session.run (0: each model's default from model.json)",
     "max_queue_delay_ms": "longest wait for a batch to fill (negative: each model's default)",
     "max_queue_images": "images that may wait per model before calls fail with RESOURCE_EXHAUSTED",
@@ -202,6 +205,7 @@ def validate(settings: Settings) -> None:
         (settings.max_send_message_mb > 0, "max_send_message_mb must be > 0"),
         (settings.log_level in ("debug", "info", "warning", "error"), "log_level is not a level"),
     ]
+    loops.resolve(settings.event_loop)
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

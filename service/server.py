@@ -141,13 +141,14 @@ class Server:
             await self.health.set(service, SERVING)
         ready = sum(self.repository.newest(n).state is State.READY for n in self.repository.models)
         log.info(
-            "serving %d of %d models on %s:%d, %s (metrics on port %s)",
+            "serving %d of %d models on %s:%d, %s (metrics on port %s, %s event loop)",
             ready,
             len(self.repository.models),
             self.settings.grpc_address,
             self.port,
             security.describe(self.settings, tokens),
             self.metrics_port or "off",
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     async def stop(self, grace: float | None = None) -> None:
