@@ -265,6 +265,28 @@ def from_pixels(
     return _to_input(luma, None, invert)
 
 
+def from_pixel_batch(data: Sequence[bytes], invert: Invert = Invert.AUTO) -> np.ndarray:
+    """Many 28 x 28 raw images as float32 N x 1 x 28 x 28, in one pass of numpy.
+
+    The same result as `from_pixels` image by image (no resizing at this size; the same
+    border rule for AUTO), without a Python loop per image: the batch path for clients that
+    send many small images. Every item must hold exactly 28 x 28 bytes.
+    """
+    count = len(data)
+    luma = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(count, SIZE, SIZE)
+    if invert is Invert.AUTO:
+        frame = luma.sum(axis=(1, 2), dtype=np.uint64) - luma[:, 1:-1, 1:-1].sum(
+            axis=(1, 2), dtype=np.uint64
+        )
+        flip = frame / (4 * SIZE - 4) > 127.5
+    else:
+        flip = np.full(count, invert is Invert.YES)
+    out = luma.astype(np.float32)
+    out[flip] = np.float32(255.0) - out[flip]
+    out /= np.float32(255.0)
+    return out.reshape(count, *_SHAPE)
+
+
 # numpy dtype for each accepted name: ours, and KServe v2's datatype names.
 _TENSOR_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),

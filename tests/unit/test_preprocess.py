@@ -22,6 +22,7 @@ from service.preprocess import (
     Invert,
     Limits,
     from_encoded,
+    from_pixel_batch,
     from_pixels,
     from_tensor,
     stack,
@@ -160,6 +161,25 @@ def test_auto_threshold_is_a_border_mean_above_127_5(rim: int, inverted: bool) -
     pixels[1:-1, 1:-1] = 40  # the centre does not take part in the rule
     out = from_pixels(28, 28, pixels.tobytes())
     np.testing.assert_array_equal(out, expected(255 - pixels if inverted else pixels))
+
+
+@pytest.mark.parametrize("invert", list(Invert))
+def test_the_batch_path_equals_image_by_image(test_images: np.ndarray, invert: Invert) -> None:
+    """Real images, their negatives and rims on both sides of the AUTO threshold, bit for bit."""
+    rng = np.random.default_rng(0)
+    real = test_images[rng.choice(len(test_images), 64, replace=False)]
+    rims = []
+    for rim in (127, 128, 0, 255):
+        image = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+        image[[0, -1], :] = rim
+        image[:, [0, -1]] = rim
+        rims.append(image)
+    batch = np.concatenate([real, 255 - real[:16], np.stack(rims)])
+    data = [image.tobytes() for image in batch]
+    expected_batch = np.stack([from_pixels(28, 28, d, invert) for d in data])
+    got = from_pixel_batch(data, invert)
+    assert got.dtype == np.float32 and got.shape == (len(batch), 1, 28, 28)
+    np.testing.assert_array_equal(got, expected_batch)
 
 
 # --- fitting into 28 x 28 -----------------------------------------------------------------------
