@@ -113,7 +113,9 @@ class Batcher:
         if self._closed:
             raise Unavailable(f"model {self.model} version {self.version} is shutting down")
         waiting = self._queued_images + self._reserved_images - already_reserved
-        if waiting + n > self.policy.max_queue_images:
+        # An empty queue takes any request, so one larger than the bound is never refused
+        # forever; otherwise the bound holds exactly.
+        if waiting and waiting + n > self.policy.max_queue_images:
             raise Overloaded(
                 f"model {self.model} queue is full ({waiting} images waiting, "
                 f"limit {self.policy.max_queue_images}); retry with backoff"

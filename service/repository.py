@@ -182,7 +182,7 @@ class ModelRepository:
         return BatchPolicy(
             size,
             delay_ms / 1000.0,
-            max(self.batching.max_queue_images, size),
+            self.batching.max_queue_images,
             self.batching.max_in_flight,
         )
 

@@ -56,6 +56,7 @@ class Server:
         self.executor = ThreadPoolExecutor(
             settings.executor_threads, thread_name_prefix="inference"
         )
+        self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.health = health.aio.HealthServicer()
         self.repository = ModelRepository(
             settings.model_repository,
@@ -109,7 +110,7 @@ class Server:
             options=grpc_options(self.settings),
         )
         cnnserve_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.repository, self.settings), server
+            InferenceServicer(self.repository, self.settings, self.decoder), server
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             OipServicer(self.repository, self.settings), server
@@ -168,6 +169,7 @@ class Server:
             await self.grpc.stop(max(grace - (time.monotonic() - started), 0.1))
         await self.repository.close()
         self.executor.shutdown(wait=True)
+        self.decoder.shutdown(wait=True)
         if self._metrics_server is not None:
             self._metrics_server.stop()
 

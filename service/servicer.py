@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -25,9 +26,12 @@ from service.replies import check_reply_size
 from service.repository import ModelRepository, ModelVersion, State
 
 DEFAULT_TOP_K = 5
-# Decoding this many encoded bytes or more moves off the event loop, so one large JPEG
-# cannot stall every other call.
+# Decoding moves off the event loop, to the decode threads, for more than one encoded image or
+# for this many encoded bytes: the loop answers every call, and under overload it must keep
+# refusing the excess at once instead of decoding PNGs while calls wait unseen in gRPC's queue.
+# One small image stays on the loop: the thread hop would cost more than its decoding.
 DECODE_IN_THREAD_BYTES = 256 * 1024
+DECODE_IN_THREAD_IMAGES = 2
 STREAM_WINDOW = 64  # stream items decoded and queued at once; more wait in gRPC flow control
 
 INVERT = {
@@ -92,9 +96,10 @@ def _is_28x28_pixels(image: pb.Image) -> bool:
 class Images:
     """Decoding of a request's images into one N x 1 x 28 x 28 array."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, decoder: Executor | None = None) -> None:
         self.limits = preprocess.Limits(max_pixels=settings.max_pixels)
         self.max_images = settings.max_images_per_request
+        self.decoder = decoder  # None: asyncio's default executor
 
     def _one(self, image: pb.Image, index: int, invert: preprocess.Invert) -> np.ndarray:
         kind = image.WhichOneof("data")
@@ -133,9 +138,12 @@ class Images:
 
     async def decode(self, images: Any, invert_value: int) -> np.ndarray:
         invert = self.check(images, invert_value)
-        encoded = sum(len(image.encoded) for image in images)
-        if encoded >= DECODE_IN_THREAD_BYTES:
-            return await asyncio.get_running_loop().run_in_executor(None, self._all, images, invert)
+        sizes = [len(image.encoded) for image in images]
+        if sum(sizes) >= DECODE_IN_THREAD_BYTES or len(sizes) - sizes.count(0) >= (
+            DECODE_IN_THREAD_IMAGES
+        ):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.decoder, self._all, images, invert)
         return self._all(images, invert)
 
 
@@ -192,9 +200,11 @@ Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Our API over the shared repository and batchers."""
 
-    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, decoder: Executor | None = None
+    ) -> None:
         self.repository = repository
-        self.images = Images(settings)
+        self.images = Images(settings, decoder)
         self.send_limit = settings.max_send_message_mb * MiB
 
     async def _observed(

@@ -7,6 +7,13 @@ that does not slow down when the server does), and closed loop at a very high co
 refusal is retried at once: a refusal storm). What must hold in both: the queue never exceeds its
 bound, refusals come fast (RESOURCE_EXHAUSTED, not a wait), calls that are accepted keep a
 bounded latency, useful throughput does not collapse, and no call outlives its deadline.
+
+"Fast" differs between the two. Offered load that does not wait for answers is refused within
+FAST_REFUSAL_MS. In the storm every one of STORM_CONCURRENCY clients resends the moment it is
+refused, so each call waits behind the others whatever the server does: by Little's law its
+latency is the concurrency over the calls answered per second (256 / 600 is about 0.4 s on
+2 cores). There the goal is that refusals come back within half the deadline, early enough to
+try another replica, and the report gives Little's figure beside the measured one.
 """
 
 from __future__ import annotations
@@ -84,6 +91,9 @@ def goals(phase: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any
     name = phase["phase"]
     depth = phase["queue_depth_max"]
     refusal = phase["refusal_latency_ms"]["p99"]
+    closed = phase.get("concurrency")
+    refusal_ms = BOUNDED_SHARE * DEADLINE_S * 1000 if closed else FAST_REFUSAL_MS
+    little = f"; Little's law: {1000 * closed / phase['calls_per_s']:.0f} ms" if closed else ""
     accepted = phase["accepted_latency_ms"]["p99"]
     kept = phase["accepted_images_per_s"] / max(baseline["accepted_images_per_s"], 1e-9)
     bound_ms = BOUNDED_SHARE * DEADLINE_S * 1000
@@ -104,9 +114,9 @@ def goals(phase: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any
         ),
         stats.goal(
             f"{name}: refusals are fast",
-            f"RESOURCE_EXHAUSTED p99 < {FAST_REFUSAL_MS:g} ms",
-            "no refusals at all" if refusal is None else f"p99 {refusal:g} ms",
-            refusal is not None and refusal < FAST_REFUSAL_MS,
+            f"RESOURCE_EXHAUSTED p99 < {refusal_ms:g} ms",
+            "no refusals at all" if refusal is None else f"p99 {refusal:g} ms{little}",
+            refusal is not None and refusal < refusal_ms,
         ),
         stats.goal(
             f"{name}: accepted latency bounded",
@@ -179,6 +189,7 @@ def run(
         summarize(name, records, samples, offered, BATCH) | {"server_saw": seen}
         for name, offered, records, seen in runs
     ]
+    phases[-1]["concurrency"] = STORM_CONCURRENCY  # a closed loop: its refusals queue too
     baseline = phases[0]
     base_goal = stats.goal(
         "baseline: no refusals within the bound",

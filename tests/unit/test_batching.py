@@ -283,3 +283,23 @@ def test_a_second_batch_in_flight_waits_the_delay_to_fill() -> None:
 
     run(main())
     assert recorder.batches == [5, 1] or recorder.batches == [1, 5]
+
+
+def test_a_request_over_the_bound_waits_for_an_empty_queue_not_forever() -> None:
+    """The bound holds exactly; only an empty queue takes a request larger than the bound."""
+    recorder = Recorder()
+
+    async def main():
+        recorder.release.clear()
+        batcher, _ = make(recorder, max_batch_size=64, max_queue_images=8)
+        running = batcher.submit(images(2, 1), ["sum"])
+        await asyncio.to_thread(recorder.started.wait, 5)
+        big = batcher.submit(images(12, 1), ["sum"])  # queue empty: taken though 12 > 8
+        with pytest.raises(Overloaded, match="12 images waiting, limit 8"):
+            batcher.submit(images(1, 1), ["sum"])
+        recorder.release.set()
+        await asyncio.gather(running, big)
+        await batcher.close()
+
+    run(main())
+    assert recorder.batches == [2, 12]
