@@ -372,7 +372,7 @@ def test_statistics_count_what_was_sent_as_the_metrics_do(client, server, fmnist
     assert success.ns > before.inference_stats.success.ns
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
     assert after.inference_stats.queue.count - before.inference_stats.queue.count == 5
-    assert after.last_inference >= before.last_inference > 0
+    assert after.last_inference > 0 and after.last_inference >= before.last_inference
     labels = dict(model="logreg", version="1")
     for name, value in [
         ("nv_inference_request_success", success.count),
