@@ -284,19 +284,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             entry, request, request.features, lambda names: ["probabilities", *names], context
         )
         probabilities = outputs["probabilities"]
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k].tolist()
+        rows = probabilities.tolist()  # Python floats in one call, not one per value
         results = []
-        for i, row in enumerate(probabilities):
-            results.append(
-                pb.Classification(
-                    top_k=[
-                        pb.ClassScore(index=int(c), label=labels[c], probability=float(row[c]))
-                        for c in order[i]
-                    ],
-                    probabilities=row.tolist(),
-                    features=feature_maps(outputs, features, i, dtype, tag),
-                )
+        for i, row in enumerate(rows):
+            result = pb.Classification(
+                top_k=[
+                    pb.ClassScore(index=c, label=labels[c], probability=row[c]) for c in order[i]
+                ],
+                probabilities=row,
             )
+            if features:
+                result.features.extend(feature_maps(outputs, features, i, dtype, tag))
+            results.append(result)
         return pb.ClassifyResponse(model=entry.name, version=entry.version, results=results)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> Any:
