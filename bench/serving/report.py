@@ -44,9 +44,15 @@ def _intro(data: dict[str, Any]) -> list[str]:
         "in-process at its best batch size (`raw`, the limit); cnnserve through its native API "
         "(`native`: `Classify`, raw pixels) and through the Open Inference Protocol with the "
         "stock `tritonclient` (`oip`); Triton Inference Server with dynamic batching serving "
-        "the same ONNX files (`triton`); and a naive grpc.aio server calling `session.run` "
-        "once per request (`naive`). The last three are driven by the very same `tritonclient` "
-        f"load. This run measured: {', '.join(f'`{s}`' for s in st['systems'])}. "
+        "the same ONNX files (`triton`); a naive grpc.aio server calling `session.run` once per "
+        "request (`naive`); and the gRPC floor (`floor`), a grpc.aio server on uvloop that "
+        "answers `Classify` with a reply serialized once at start-up, parsing nothing. `oip`, "
+        "`triton` and `naive` are driven by the very same `tritonclient` load, `native` and "
+        "`floor` by the same bare gRPC client sending the same serialized requests. The "
+        "floor's server CPU per call is the part of every Python gRPC server's cost that no "
+        "serving code can remove on this machine, so a server's CPU per call minus the "
+        "floor's is its serving code's own cost. "
+        f"This run measured: {', '.join(f'`{s}`' for s in st['systems'])}. "
         "Closed-loop clients run in one separate process on loopback, "
         f"{st['seconds']:g} s per run, each point run {st['repeats']} "
         f"time{'s' if st['repeats'] != 1 else ''} (median shown, spread = (max - min) / "
@@ -104,6 +110,7 @@ def _rows(data: dict[str, Any], work: str, concurrencies: Iterable[int]) -> list
             if s is None:
                 continue
             triton = point(data, "triton", work, c)
+            floor = point(data, "floor", work, c)
             rows.append(
                 [
                     name(system),
@@ -117,6 +124,7 @@ def _rows(data: dict[str, Any], work: str, concurrencies: Iterable[int]) -> list
                     s["p99"],
                     s["errors"],
                     s["server_cpu_s_per_1000"],
+                    _ratio(s["server_cpu_s_per_1000"], floor and floor["server_cpu_s_per_1000"]),
                     s["client_cpu_s_per_1000"],
                     s["rss_mib"],
                 ]
@@ -125,8 +133,8 @@ def _rows(data: dict[str, Any], work: str, concurrencies: Iterable[int]) -> list
 
 
 HEADERS = ["System", "Concurrency", "Images/s", "Spread", "vs limit", "vs Triton", "p50 ms"]
-HEADERS += ["p90 ms", "p99 ms", "Errors", "Server CPU s / 1k img", "Client CPU s / 1k img"]
-HEADERS += ["Server RSS MiB"]
+HEADERS += ["p90 ms", "p99 ms", "Errors", "Server CPU s / 1k img", "Server CPU vs floor"]
+HEADERS += ["Client CPU s / 1k img", "Server RSS MiB"]
 
 
 def _limit_row(data: dict[str, Any], model: str) -> list[Any] | None:
@@ -147,6 +155,7 @@ def _limit_row(data: dict[str, Any], model: str) -> list[Any] | None:
         0,
         top["cpu_s_per_1000"],
         None,
+        None,
         setting.get("rss_mib"),
     ]
 
@@ -158,7 +167,8 @@ def _headline(data: dict[str, Any]) -> list[str]:
         "",
         "lenet5 is tiny, so request overhead dominates; resnet (width 16) is compute-bound. "
         "`vs limit` divides by raw ONNX Runtime's best-batch throughput, `vs Triton` by "
-        "Triton's at the same point. Latencies are what the client measured, per call.",
+        "Triton's at the same point, and `Server CPU vs floor` divides server CPU by the gRPC "
+        "floor's at the same point. Latencies are what the client measured, per call.",
         "",
     ]
     for work, model in (("lenet5 x1", "lenet5"), ("resnet x1", "resnet")):
@@ -366,9 +376,9 @@ def _footprint(data: dict[str, Any]) -> list[str]:
     if servers:
         lines += [
             "Each server as the suite ran it (lenet5 and resnet; Triton also binds "
-            "resnet-probabilities), start-up to ready and resident memory then, over every "
-            "repeat. Memory is summed over the process tree, so shared pages count once per "
-            "process (Triton runs several):",
+            "resnet-probabilities; the floor loads no model), start-up to ready and resident "
+            "memory then, over every repeat. Memory is summed over the process tree, so shared "
+            "pages count once per process (Triton runs several):",
             "",
             table(
                 ["Server", "Start-up s", "RSS at ready MiB"],

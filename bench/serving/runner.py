@@ -1,7 +1,7 @@
 """Run the serving suite: raw ONNX Runtime, then every server at every point, then the report.
 
 Usage: `.venv/bin/python -m bench.serving [--quick] [--repeats N] [--seconds S]
-[--systems raw,native,oip,triton,naive] [--allow-spinning off|on|both]
+[--systems raw,native,oip,triton,naive,floor] [--allow-spinning off|on|both]
 [--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]`. Exit status: 0 when every
 goal measured was met, 1 when one was missed, 2 when nothing could be measured.
 
@@ -26,12 +26,13 @@ from bench.reliability.server import Server
 from bench.reliability.workload import test_images
 from bench.serving import footprint, goals, raw, report, triton, workload
 from bench.serving import measure as measuring
+from bench.serving.floor_server import FloorServer
 from bench.serving.load import Load
 from bench.serving.naive_server import NaiveServer
 from bench.serving.processes import ServerProcess, tree_usage
 from bench.serving.workload import MODELS, QUICK_SET, Workload
 
-SYSTEMS = ("raw", "native", "oip", "triton", "naive")
+SYSTEMS = ("raw", "native", "oip", "triton", "naive", "floor")
 CLASSIFY = "/cnnserve.v1.Inference/Classify"
 CALL_TIMEOUT_S = 30.0
 SPINNING = {"off": (False,), "on": (True,), "both": (False, True)}
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.serving",
         description="Throughput, latency, CPU and memory of cnnserve beside raw ONNX Runtime, "
-        "Triton (PyTriton) and a naive grpc.aio server, on loopback; writes a JSON file and "
-        "docs/BENCHMARKS.md from it.",
+        "Triton (PyTriton), a naive grpc.aio server and the gRPC floor (a prebuilt reply), on "
+        "loopback; writes a JSON file and docs/BENCHMARKS.md from it.",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--repeats", type=int, help="runs of every point (default 3; quick 1)")
@@ -89,7 +90,7 @@ class Requests:
             "timeout": CALL_TIMEOUT_S,
             "images": work.images,
         }
-        if system.startswith("native"):
+        if system.startswith("native") or system == "floor":  # the floor answers Classify
             return Load(client="grpc", method=CLASSIFY, payloads=self.classify[work.name], **common)
         model = work.triton_model if system == "triton" and work.triton_model else work.model
         arrays = tuple(self.arrays[work.name])
@@ -99,7 +100,12 @@ class Requests:
 
 
 def server_for(
-    kind: str, spin: bool, models: dict[str, dict[str, Any]], repository: Path, logs: Path
+    kind: str,
+    spin: bool,
+    models: dict[str, dict[str, Any]],
+    repository: Path,
+    logs: Path,
+    works: list[Workload],
 ) -> Server | ServerProcess:
     log = logs / f"{kind}{'-spin' if spin else ''}.log"
     if kind == "cnnserve":
@@ -108,6 +114,9 @@ def server_for(
     if kind == "naive":
         paths = {m: Path(info["path"]) for m, info in models.items()}
         return NaiveServer(log=log, models=list(models), paths=paths)
+    if kind == "floor":  # replies prebuilt for every image count it will be asked for
+        images = sorted({w.images for w in works if "floor" in w.systems})
+        return FloorServer(log=log, models=[], images=images)
     bindings = triton.bindings(models)
     return triton.TritonServer(
         log=log,
@@ -173,6 +182,8 @@ def measure_servers(
             kinds.append(("triton", False))
     if "naive" in systems:
         kinds.append(("naive", False))
+    if "floor" in systems:
+        kinds.append(("floor", False))
     requests = Requests(works)
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     servers: dict[str, dict[str, Any]] = {}
@@ -182,7 +193,7 @@ def measure_servers(
         for kind, spin in kinds[turn:] + kinds[:turn]:
             label = kind + ("+spin" if spin else "")
             print(f"[{repeat + 1}/{settings['repeats']}] {label}: starting", flush=True)
-            server = server_for(kind, spin, models, args.model_repository, logs)
+            server = server_for(kind, spin, models, args.model_repository, logs, works)
             try:
                 startup = server.start()
             except BaseException as error:

@@ -14,9 +14,10 @@ NAMES = {
     "oip": "cnnserve, Open Inference Protocol",
     "triton": "Triton (PyTriton, Python backend)",
     "naive": "naive grpc.aio server",
+    "floor": "gRPC floor: grpc.aio (uvloop) answering a prebuilt reply",
     "cnnserve": "cnnserve serve",
 }
-ORDER = ("native", "native+spin", "oip", "oip+spin", "triton", "naive")
+ORDER = ("native", "native+spin", "oip", "oip+spin", "triton", "naive", "floor")
 
 
 def name(system: str) -> str:

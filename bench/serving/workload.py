@@ -2,11 +2,12 @@
 
 A `Workload` is one kind of request (model, images per request, outputs wanted) and the
 concurrencies it is measured at. Requests are built once, up front, from real Fashion-MNIST
-test images: serialized `ClassifyRequest` bytes for our native API, UINT8 N x 28 x 28 arrays
-for the stock `tritonclient` (our Open Inference Protocol endpoint, Triton and the naive
-baseline all take the same tensor), so the load process spends its CPU on the call, not on
-building it. Native requests carry raw pixels, the native API's counterpart of a UINT8 tensor,
-so no system decodes a PNG the others do not.
+test images: serialized `ClassifyRequest` bytes for our native API (and the gRPC floor,
+which answers the same method), UINT8 N x 28 x 28 arrays for the stock `tritonclient` (our
+Open Inference Protocol endpoint, Triton and the naive baseline all take the same tensor), so
+the load process spends its CPU on the call, not on building it. Native requests carry raw
+pixels, the native API's counterpart of a UINT8 tensor, so no system decodes a PNG the others
+do not.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ MODELS = ("lenet5", "resnet")
 QUICK_SET = ("logreg", "mlp", "lenet5", "kirsch")  # export/pipeline.py's quick set
 FEATURE = "features.layer1"  # resnet's stage-1 output: 16 x 28 x 28 floats, 50 KiB an image
 EXPORT_FLAGS = ("--max-steps", "3", "--train-limit", "512", "--no-progress")
+SERVERS = ("native", "oip", "triton", "naive")
+# The gRPC floor answers with probabilities only, so it measures only workloads asking for them.
+WITH_FLOOR = (*SERVERS, "floor")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Workload:
     outputs: tuple[str, ...]  # what the client asks for
     concurrencies: tuple[int, ...]
     triton_model: str = ""  # the Triton binding to call, when not the model's own name
-    systems: tuple[str, ...] = ("native", "oip", "triton", "naive")
+    systems: tuple[str, ...] = SERVERS
 
 
 def workloads(concurrencies: tuple[int, ...], quick: bool) -> list[Workload]:
@@ -48,9 +52,16 @@ def workloads(concurrencies: tuple[int, ...], quick: bool) -> list[Workload]:
     low = min(concurrencies)
     mid = 32 if 32 in concurrencies else max(concurrencies)
     return [
-        Workload("lenet5 x1", "lenet5", 1, probabilities, concurrencies),
-        Workload("lenet5 x32", "lenet5", 32, probabilities, (low,) if quick else (low, 8)),
-        Workload("resnet x1", "resnet", 1, probabilities, concurrencies),
+        Workload("lenet5 x1", "lenet5", 1, probabilities, concurrencies, systems=WITH_FLOOR),
+        Workload(
+            "lenet5 x32",
+            "lenet5",
+            32,
+            probabilities,
+            (low,) if quick else (low, 8),
+            systems=WITH_FLOOR,
+        ),
+        Workload("resnet x1", "resnet", 1, probabilities, concurrencies, systems=WITH_FLOOR),
         Workload("resnet x1 + layer1", "resnet", 1, (*probabilities, FEATURE), (low, mid)),
         Workload(
             "resnet x1, Triton bound to probabilities only",

@@ -110,6 +110,10 @@ def synthetic() -> dict[str, Any]:
         point("naive", "lenet5 x1", 32, summary(1000.0, 30.0, 60.0, 1.8)),
         point("triton", "lenet5 x1", 32, summary(1200.0, 25.0, 70.0, 2.2)),
         point("triton", "resnet x1", 32, summary(300.0, 100.0, 160.0, 3.1)),
+        # The gRPC floor: native's server CPU at resnet x1, c=32 is 1.25 / 0.25 = 5 x the floor's.
+        point("floor", "resnet x1", 32, summary(9000.0, 3.5, 6.0, 0.25)),
+        point("floor", "lenet5 x1", 32, summary(9500.0, 3.4, 5.5, 0.24)),
+        point("floor", "lenet5 x32", 1, summary(90000.0, 0.35, 0.6, 0.01)),
         point(
             "triton",
             "resnet x1, Triton bound to probabilities only",
@@ -126,7 +130,7 @@ def synthetic() -> dict[str, Any]:
         "load_average_end": [3.0, 2.0, 1.0],
         "seconds": 95.0,
         "settings": {
-            "systems": ["raw", "native", "oip", "triton", "naive"],
+            "systems": ["raw", "native", "oip", "triton", "naive", "floor"],
             "seconds": 2.0,
             "repeats": 2,
             "concurrencies": [1, 8, 32],
@@ -158,7 +162,13 @@ def synthetic() -> dict[str, Any]:
                 "command": ["python", "-m", "service.cli", "serve", "--grpc-port", "4242"],
                 "startup_s": [1.1, 1.3],
                 "rss_ready_mib": [120.0, 121.0],
-            }
+            },
+            "floor": {
+                "command": ["/x/python", "-m", "bench.serving.floor_server", "--port", "4343"]
+                + ["--images", "1,32"],
+                "startup_s": [0.4, 0.5],
+                "rss_ready_mib": [40.0, 41.0],
+            },
         },
         "footprint": {
             "quick_set": {
@@ -223,9 +233,10 @@ def test_every_section_and_table_is_rendered() -> None:
     assert "7 of 11 goals met, **3 missed**, 1 not run." in text
     rows = [line for line in text.splitlines() if line.startswith("| cnnserve, native Classify |")]
     assert "| cnnserve, native Classify | 32 | 800 | 20% | 0.80 x | 2.67 x | 40 |" in text
+    assert "| 0 | 1.25 | 5.00 x | 0.5 | 130 |" in rows[0]  # server CPU, and vs the floor's
     assert any(row.startswith("| cnnserve, native Classify | 8 | 26,000 |") for row in rows)
     limit = "| ONNX Runtime in-process (the limit), batch 64, spinning off | – | 1,000 | 5% |"
-    assert limit in text and "| 0 | 1 | – | 80 |" in text  # CPU s per 1,000, RSS MiB
+    assert limit in text and "| 0 | 1 | – | – | 80 |" in text  # CPU s per 1,000, RSS MiB
     assert "| resnet: overhead of asking for the stage-1 map | <= the cost of copying" in text
     assert "| 256 | 40,000 | 6.4 | 40,000 |" in text  # raw lenet5, batch 256
     assert "bound with `probabilities` only: 650 images/s" in text
@@ -235,6 +246,26 @@ def test_every_section_and_table_is_rendered() -> None:
     assert "Whole family: not measured (--no-family, the default with --quick)." in text
     assert "Triton: Triton with its Python backend (pytriton 0.7.0)." in text
     assert "None" not in text and "nan" not in text
+
+
+def test_the_grpc_floor_has_its_rows_and_says_what_it_is_for() -> None:
+    text = report.render(synthetic())
+    floor = "| gRPC floor: grpc.aio (uvloop) answering a prebuilt reply |"
+    rows = [line for line in text.splitlines() if line.startswith(floor)]
+    # The headline and every-point tables: resnet and lenet5 x1 at 32 (twice each), x32 at 1.
+    assert (
+        rows.count(
+            f"{floor} 32 | 9,000 | 20% | 9.00 x | 30.00 x | 3.5 | 7 | 6 | 0 | 0.25 |"
+            " 1.00 x | 0.5 | 130 |"
+        )
+        == 2
+    )
+    assert any(row.startswith(f"{floor} 1 | 90,000 |") for row in rows)
+    assert f"{floor} 0.4, 0.5 | 40, 41 |" in rows  # start-up and memory
+    assert len(rows) == 6
+    assert "minus the floor's is its serving code's own cost" in text
+    assert "`python -m bench.serving.floor_server --port 4343 --images 1,32`" in text
+    assert "7 of 11 goals met" in text  # the floor has no goals
 
 
 def test_a_skipped_triton_says_why() -> None:
