@@ -271,7 +271,7 @@ def test_tokens_come_from_the_file_and_the_environment_and_stay_secret(tokens) -
     assert not any(t in shown for t in [*tokens["env"], *tokens["file"]])
     # A secret has no flag: command lines are readable by every user of the machine.
     refused = subprocess.run(
-        [*CNNSERVE, "serve", "--auth-tokens", tokens["env"][0]],
+        [*CNNSERVE, "serve", f"--auth-tokens={tokens['env'][0]}"],  # a token may start with "-"
         capture_output=True,
         text=True,
         timeout=60,
