@@ -15,9 +15,11 @@ The contract, one batcher per loaded model version:
   batch.
 - Requests whose deadline has passed or whose caller has gone are dropped before they cost
   inference.
-- The batch runs in a thread pool (ONNX Runtime releases the GIL); only the union of the
-  outputs its requests asked for is fetched. Outputs are split back by each request's size,
-  and the sizes must add up. A failing batch fails its own requests, and only those.
+- The batch runs in a thread pool (ONNX Runtime releases the GIL), or on the loop itself when
+  it holds at most `inline_images` images (a tiny model's small batch takes less time than the
+  hop to a thread and back). Only the union of the outputs its requests asked for is fetched.
+  Outputs are split back by each request's size, and the sizes must add up. A failing batch
+  fails its own requests, and only those.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class BatchPolicy:
     max_queue_delay_s: float = 0.001
     max_queue_images: int = 4096  # images waiting, across requests, before RESOURCE_EXHAUSTED
     max_in_flight: int = 1  # batches of one model running at once
+    # Batches of at most this many images run on the event loop: for them the hop to the
+    # thread pool and back costs more than the inference (0: always the pool).
+    inline_images: int = 0
 
 
 @dataclass(eq=False)
@@ -255,7 +260,10 @@ class Batcher:
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
         try:
-            results = await loop.run_in_executor(self._executor, self._run, images, wanted)
+            if len(images) <= self.policy.inline_images:
+                results = self._run(images, wanted)
+            else:
+                results = await loop.run_in_executor(self._executor, self._run, images, wanted)
             parts = _split(results, [len(p.images) for p in batch])
         except ServiceError as error:
             self._fail(batch, error)

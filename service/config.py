@@ -45,6 +45,7 @@ class Settings:
     max_queue_delay_ms: float = -1.0  # negative: each model's own default
     max_queue_images: int = 4096
     max_batches_in_flight: int = 1
+    inline_inference_ms: float = 0.25
     max_images_per_request: int = 1024
     max_pixels: int = 4096 * 4096
     max_receive_message_mb: int = 256
@@ -85,6 +86,8 @@ HELP: dict[str, str] = {
     "max_queue_images": "images that may wait per model before calls fail with RESOURCE_EXHAUSTED",
     "max_batches_in_flight": "batches of one model in inference at once; with more than 1, "
     "a batch waits up to the queue delay to fill while another runs",
+    "inline_inference_ms": "batches predicted (from a timed batch of one at load) to take at "
+    "most this long run on the event loop, skipping the thread hop (0: never)",
     "max_images_per_request": "images allowed in one request",
     "max_pixels": "decoded pixels allowed per image (decompression-bomb guard)",
     "max_receive_message_mb": "largest gRPC message the server accepts, in MiB",
@@ -202,6 +205,7 @@ def validate(settings: Settings) -> None:
         (settings.max_batch_size >= 0, "max_batch_size must be >= 0"),
         (settings.max_queue_images > 0, "max_queue_images must be > 0"),
         (settings.max_batches_in_flight > 0, "max_batches_in_flight must be > 0"),
+        (settings.inline_inference_ms >= 0, "inline_inference_ms must be >= 0"),
         (settings.max_images_per_request > 0, "max_images_per_request must be > 0"),
         (settings.executor_threads > 0, "executor_threads must be > 0"),
         (settings.decode_threads > 0, "decode_threads must be > 0"),

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class BatchOverrides:
     max_queue_delay_ms: float | None = None
     max_queue_images: int = 4096
     max_in_flight: int = 1
+    inline_ms: float = 0.25  # batches predicted to take at most this long run on the loop
 
 
 @dataclass(eq=False)
@@ -186,6 +187,18 @@ class ModelRepository:
             self.batching.max_in_flight,
         )
 
+    def _inline_images(self, runtime: ModelRuntime, limit: int) -> int:
+        """The largest batch predicted (from the warm-up's timings) to stay within the inline
+        budget; 0 when even one image would not."""
+        budget = self.batching.inline_ms / 1000
+        fits = 0
+        for images in range(1, limit + 1):
+            predicted = runtime.predicted_seconds(images)
+            if predicted is None or predicted > budget:
+                break
+            fits = images
+        return fits
+
     def _create(self, entry: ModelVersion, policy: BatchPolicy) -> ModelRuntime:
         runtime = ModelRuntime(entry.path, self.runtime_options)
         runtime.warm_up(policy.max_batch_size)
@@ -208,6 +221,8 @@ class ModelRepository:
             log.error("model %s version %s failed to load: %s", entry.name, entry.version, error)
             self._changed(entry)
             return
+        inline = self._inline_images(entry.runtime, policy.max_batch_size)
+        policy = replace(policy, inline_images=inline)
         entry.batcher = Batcher(entry.name, entry.version, entry.runtime.run, policy, self.executor)
         entry.batcher.start()
         entry.load_seconds = time.perf_counter() - started

@@ -9,6 +9,7 @@ after a CUDA failure. We disable that fallback and report, or refuse, what reall
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import onnxruntime as ort
 from service.errors import InferenceFailed
 
 CPU = "CPUExecutionProvider"
+WARM_UP_TIMINGS = 5
+TIMED_SIZES = (1, 8)
 CUDA = "CUDAExecutionProvider"
 
 
@@ -89,6 +92,7 @@ class ModelRuntime:
                 f"device {options.device!r} asked for, but ONNX Runtime started {self.provider} "
                 "(is a GPU visible, and are the CUDA libraries installed?)"
             )
+        self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -101,10 +105,29 @@ class ModelRuntime:
         return dict(zip(outputs, values, strict=True))
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run the largest and the smallest batch once, so first requests pay no allocation."""
+        """Run the largest and the smallest batch once, so first requests pay no allocation;
+        then time batches of TIMED_SIZES (`batch_seconds`, the median of a few runs each)."""
         for size in sorted({1, max(1, max_batch_size)}):
-            shape = [size, *(d if isinstance(d, int) else 1 for d in self.input_shape())]
-            self.run(np.zeros(shape, np.float32), self.output_names)
+            self.run(self._zeros(size), self.output_names)
+        for size in TIMED_SIZES:
+            batch, times = self._zeros(size), []
+            for _ in range(WARM_UP_TIMINGS):
+                started = time.perf_counter()
+                self.run(batch, self.output_names)
+                times.append(time.perf_counter() - started)
+            self.batch_seconds[size] = sorted(times)[len(times) // 2]
+
+    def predicted_seconds(self, images: int) -> float | None:
+        """A batch's inference time, on the line through the timed sizes (None: not timed)."""
+        if len(self.batch_seconds) < len(TIMED_SIZES):
+            return None
+        (small, t_small), (large, t_large) = sorted(self.batch_seconds.items())
+        per_image = max(t_large - t_small, 0.0) / (large - small)
+        return t_small + per_image * (images - small)
+
+    def _zeros(self, size: int) -> np.ndarray:
+        shape = [size, *(d if isinstance(d, int) else 1 for d in self.input_shape())]
+        return np.zeros(shape, np.float32)
 
     def input_shape(self) -> list[int | str]:
         """Per-image input shape (the batch axis left out)."""

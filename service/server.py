@@ -73,6 +73,7 @@ class Server:
                 else settings.max_queue_delay_ms,
                 max_queue_images=settings.max_queue_images,
                 max_in_flight=settings.max_batches_in_flight,
+                inline_ms=settings.inline_inference_ms,
             ),
             self.executor,
             only=settings.models or None,

@@ -303,3 +303,28 @@ def test_a_request_over_the_bound_waits_for_an_empty_queue_not_forever() -> None
 
     run(main())
     assert recorder.batches == [2, 12]
+
+
+def test_small_batches_run_on_the_loop_and_larger_ones_in_the_pool() -> None:
+    """inline_images: the hop to a thread costs more than a tiny model's small batch."""
+    threads: list[str] = []
+    recorder = Recorder()
+
+    def run_and_record(batch: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        return recorder(batch, outputs)
+
+    async def main():
+        executor = ThreadPoolExecutor(2, thread_name_prefix="pool")
+        policy = BatchPolicy(max_batch_size=64, inline_images=4)
+        batcher = Batcher("m", "1", run_and_record, policy, executor)
+        batcher.start()
+        small = await batcher.submit(images(4, 1), ["sum"])
+        large = await batcher.submit(images(5, 1), ["sum"])
+        await batcher.close()
+        return small, large
+
+    small, large = run(main())
+    assert small["sum"].shape == (4, 1) and large["sum"].shape == (5, 1)
+    assert threads[0] == threading.current_thread().name  # the loop's own thread
+    assert threads[1].startswith("pool")
