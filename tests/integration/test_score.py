@@ -533,8 +533,15 @@ def test_retries_when_the_server_restarts_midway(tmp_path: Path, tiny_repository
 def test_items_refused_by_a_full_queue_are_sent_again(
     capsys, tmp_path: Path, tiny_repository: Path
 ) -> None:
-    """A queue of 8 images and 4 requests of 8 in flight: the server refuses some inline."""
-    running = start_on_port(tiny_repository, 0, max_batch_size=8, max_queue_images=8)
+    """A queue of 8 images and 4 requests of 8 in flight: the server refuses some inline.
+
+    Inference stays in the thread pool (no inline batches), so requests queue while a batch
+    runs: run on the event loop, a tiny model's batches would finish before the next request
+    is even read, and the queue would never fill.
+    """
+    running = start_on_port(
+        tiny_repository, 0, max_batch_size=8, max_queue_images=8, inline_inference_ms=0.0
+    )
     output = tmp_path / "scores.csv"
     try:
         status, _, err = score(
