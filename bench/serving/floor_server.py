@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from bench.serving.processes import ServerProcess
+from bench.serving.processes import ServerProcess, serve_until_signalled
 from service import loops
 from service.proto import cnnserve_pb2 as pb
 from service.proto import grpc_service_pb2 as oip
 from service.proto import grpc_service_pb2_grpc as oip_grpc
 
-MESSAGE_BYTES = 256 * 1024 * 1024
 CLASSES = 10
 
 
@@ -75,25 +73,14 @@ class Ready(oip_grpc.GRPCInferenceServiceServicer):
 
 
 async def serve(port: int, replies: Replies) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MESSAGE_BYTES),
-        ]
-    )
     classify = grpc.unary_unary_rpc_method_handler(replies.classify)  # bytes in, bytes out
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": classify}),)
-    )
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(Ready(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    handlers = grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": classify})
+
+    def add(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((handlers,))
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(Ready(), server)
+
+    await serve_until_signalled(port, add)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.serving.processes import ServerProcess
+from bench.serving.processes import ServerProcess, serve_until_signalled
 from service.proto import grpc_service_pb2 as oip
 from service.proto import grpc_service_pb2_grpc as oip_grpc
 from service.runtime import ModelRuntime, RuntimeOptions
-
-MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 class NaiveServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -62,21 +59,10 @@ class NaiveServicer(oip_grpc.GRPCInferenceServiceServicer):
 
 
 async def serve(port: int, runtimes: dict[str, ModelRuntime]) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MESSAGE_BYTES),
-        ]
+    servicer = NaiveServicer(runtimes)
+    await serve_until_signalled(
+        port, lambda server: oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     )
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(NaiveServicer(runtimes), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,12 @@ Protocol: ready when `ServerReady` and every model's `ModelReady` say so.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -153,3 +155,26 @@ class ServerProcess:
                 except ProcessLookupError:
                     pass
         return code
+
+
+BARE_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+async def serve_until_signalled(port: int, add: Callable[[grpc.aio.Server], None]) -> None:
+    """A plain grpc.aio server on loopback (the baselines' servers): `add` registers its
+    handlers; it runs until SIGTERM or SIGINT."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", BARE_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", BARE_MESSAGE_BYTES),
+        ]
+    )
+    add(server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1)
