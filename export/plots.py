@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib import ticker  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 DPI = 100
 
@@ -47,38 +48,106 @@ def learning_curve(config: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
-    """Test accuracy against MFLOPs per image (log scale); int8 variants as open markers."""
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=DPI)
-    for point in points:
-        quantized = point["quantized"]
-        axes.scatter(
-            point["mflops"],
-            point["accuracy"],
-            marker="v" if quantized else "o",
-            facecolors="none" if quantized else "tab:blue",
-            edgecolors="tab:orange" if quantized else "tab:blue",
-            s=40,
-        )
-        if not quantized:
-            axes.annotate(
-                point["name"],
-                (point["mflops"], point["accuracy"]),
+# Where a point's label may go, in points from the marker, tried in this order: close first,
+# then further out with a leader line.
+LABEL_OFFSETS = tuple(
+    (dx * scale, dy * scale)
+    for scale in (1, 2.5, 4)
+    for dx, dy in ((6, -3), (6, 6), (6, -12), (-6, -3), (-6, 6), (-6, -12), (0, 9), (0, -15))
+)
+MARKER_POINTS = 8  # a marker's box, in points, that labels keep clear of
+
+
+def _place_labels(figure: Any, axes: Any, labelled: list[tuple[str, float, float]]) -> None:
+    """Annotate each point at the first offset whose text box overlaps no marker or label.
+
+    Several members cost about the same (20-70 MFLOPs, 2-5k img/s), so labels at one fixed
+    offset overlap each other and the markers.
+    """
+    renderer = figure.canvas.get_renderer()
+    half = MARKER_POINTS * figure.dpi / 72 / 2
+    placed = [
+        Bbox.from_extents(px - half, py - half, px + half, py + half)
+        for px, py in axes.transData.transform([(x, y) for _, x, y in labelled])
+    ]
+    for text, x, y in labelled:
+        candidates = (*LABEL_OFFSETS, LABEL_OFFSETS[0])  # no free place: the first, overlapping
+        for attempt, (dx, dy) in enumerate(candidates):
+            far = abs(dx) > 10 or abs(dy) > 16
+            label = axes.annotate(
+                text,
+                (x, y),
                 textcoords="offset points",
-                xytext=(5, -3),
+                xytext=(dx, dy),
+                ha="left" if dx >= 0 else "right",
                 fontsize="small",
+                arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if far else None,
             )
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            if attempt < len(candidates) - 1:
+                label.remove()
+        placed.append(box)
+
+
+def _tick(value: float, _position: int) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def _log_axis(axes: Any) -> None:
     axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes.xaxis.set_major_formatter(ticker.FuncFormatter(_tick))
     axes.xaxis.set_minor_formatter(ticker.NullFormatter())
-    axes.margins(x=0.15, y=0.08)
-    axes.set(
+    axes.margins(x=0.2, y=0.08)
+    axes.grid(alpha=0.3, which="both")
+
+
+def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy against MFLOPs per image and against measured throughput, side by side.
+
+    int8 variants share their float32 model's MFLOPs, so they appear only in the right panel,
+    where what differs is speed: filled where served, open where rejected.
+    Each point: name, mflops, accuracy, throughput (img/s at batch 256), quantized, served.
+    """
+    figure, (cost_axes, speed_axes) = plt.subplots(1, 2, figsize=(12, 5), dpi=DPI, sharey=True)
+    floats = [p for p in points if not p["quantized"]]
+    int8 = [p for p in points if p["quantized"]]
+    cost_axes.scatter([p["mflops"] for p in floats], [p["accuracy"] for p in floats], s=40)
+    speed_axes.scatter(
+        [p["throughput"] for p in floats], [p["accuracy"] for p in floats], s=40, label="float32"
+    )
+    for served, face, label in (
+        (True, "tab:orange", "int8, served"),
+        (False, "none", "int8, rejected"),
+    ):
+        chosen = [p for p in int8 if p["served"] == served]
+        if chosen:
+            speed_axes.scatter(
+                [p["throughput"] for p in chosen],
+                [p["accuracy"] for p in chosen],
+                marker="v",
+                s=50,
+                facecolors=face,
+                edgecolors="tab:orange",
+                label=label,
+            )
+    for axes in (cost_axes, speed_axes):
+        _log_axis(axes)
+    cost_axes.set(
         xlabel="MFLOPs per image (log scale)",
         ylabel="test accuracy (ONNX Runtime)",
-        title="Fashion-MNIST: test accuracy against cost per image",
+        title="accuracy against compute",
     )
-    axes.grid(alpha=0.3, which="both")
+    speed_axes.set(
+        xlabel="ONNX Runtime images/s at batch 256, this machine (log scale)",
+        title="accuracy against measured speed",
+    )
+    speed_axes.legend(loc="lower left", fontsize="small")
+    figure.suptitle("Fashion-MNIST model family: test accuracy against cost per image")
     figure.tight_layout()
+    _place_labels(figure, cost_axes, [(p["name"], p["mflops"], p["accuracy"]) for p in floats])
+    _place_labels(figure, speed_axes, [(p["name"], p["throughput"], p["accuracy"]) for p in points])
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)

@@ -286,12 +286,12 @@ def write_report(
                 "name": r.name,
                 "mflops": r.config["mflops"],
                 "accuracy": r.accuracy,
+                "throughput": r.speed.throughput,
                 "quantized": "quantization" in r.config,
+                "served": r.served,
             }
             for r in rows
-            # int8 variants sit on their float32 point (same MFLOPs, accuracy within a point):
-            # their figures are in the int8 table, not on the plot
-            if r.accuracy is not None and "quantization" not in r.config
+            if r.accuracy is not None and r.speed is not None
         ],
         figures / "accuracy-mflops.png",
     )
