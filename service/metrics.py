@@ -116,6 +116,21 @@ class _Totals:
         }
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: every call feeds several series, and the library's
+    lookup validates and locks each time. Hot-path series are never removed, so a remembered
+    child stays the registered one (MODEL_INFO, which is removed, does not come through here).
+    """
+    key = (id(metric), *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 _lock = threading.Lock()
 _totals: dict[tuple[str, str], _Totals] = {}
 _info_labels: dict[tuple[str, str], tuple[str, str]] = {}
@@ -139,8 +154,8 @@ REGISTRY.register(_TritonCollector())
 
 def observe_request(model: str, version: str, method: str, code: str, seconds: float) -> None:
     """One call at the end of each request feeds the request, duration and Triton series."""
-    REQUESTS.labels(model, version, method, code).inc()
-    REQUEST_DURATION.labels(model, version, method).observe(seconds)
+    _child(REQUESTS, model, version, method, code).inc()
+    _child(REQUEST_DURATION, model, version, method).observe(seconds)
     with _lock:
         totals = _totals.setdefault((model, version), _Totals())
         if code == "OK":
@@ -155,10 +170,10 @@ def observe_batch(
     model: str, version: str, images: int, queue_seconds: Sequence[float], inference_seconds: float
 ) -> None:
     """The batcher reports a batch that ran: its size, each request's wait and the run time."""
-    IMAGES.labels(model, version).inc(images)
-    BATCH_SIZE.labels(model, version).observe(images)
-    INFERENCE_DURATION.labels(model, version).observe(inference_seconds)
-    queue_histogram = QUEUE_DURATION.labels(model, version)
+    _child(IMAGES, model, version).inc(images)
+    _child(BATCH_SIZE, model, version).observe(images)
+    _child(INFERENCE_DURATION, model, version).observe(inference_seconds)
+    queue_histogram = _child(QUEUE_DURATION, model, version)
     for waited in queue_seconds:
         queue_histogram.observe(waited)
     with _lock:
@@ -180,13 +195,13 @@ def observe_auth_rejected(method: str, reason: str) -> None:
 
 def set_queue_depth(model: str, version: str, images: int) -> None:
     """The batcher reports its backlog whenever it changes, so saturation shows before errors."""
-    QUEUE_DEPTH.labels(model, version).set(images)
+    _child(QUEUE_DEPTH, model, version).set(images)
 
 
 @contextmanager
 def track_inflight(model: str, version: str) -> Iterator[None]:
     """Counts a request as in flight for the duration of the block, however it ends."""
-    gauge = INFLIGHT.labels(model, version)
+    gauge = _child(INFLIGHT, model, version)
     gauge.inc()
     try:
         yield
