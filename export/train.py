@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,6 +212,8 @@ def train(
             unit="step",
             disable=not progress,
             leave=False,
+            # Redirected to a log (make models > log), a line every 30 s, not 10 a second.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
         )
         for batch_index in bar:
             index = order[batch_index * recipe.batch_size : (batch_index + 1) * recipe.batch_size]
@@ -229,7 +232,10 @@ def train(
             seen += len(y)
             rate = seen / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(
-                loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                img_s=f"{rate:.0f}",
+                refresh=False,  # shown at the bar's own pace, not redrawn every step
             )
         bar.close()
         elapsed += time.perf_counter() - started
