@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib import ticker  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 DPI = 100
@@ -55,6 +56,7 @@ LABEL_OFFSETS = tuple(
     for scale in (1, 2.5, 4)
     for dx, dy in ((6, -3), (6, 6), (6, -12), (-6, -3), (-6, 6), (-6, -12), (0, 9), (0, -15))
 )
+ZOOM_BAND = 0.02  # the zoom panel shows the points this close to the best accuracy
 MARKER_POINTS = 8  # a marker's box, in points, that labels keep clear of
 
 
@@ -103,27 +105,19 @@ def _log_axis(axes: Any) -> None:
     axes.grid(alpha=0.3, which="both")
 
 
-def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
-    """Test accuracy against MFLOPs per image and against measured throughput, side by side.
-
-    int8 variants share their float32 model's MFLOPs, so they appear only in the right panel,
-    where what differs is speed: filled where served, open where rejected.
-    Each point: name, mflops, accuracy, throughput (img/s at batch 256), quantized, served.
-    """
-    figure, (cost_axes, speed_axes) = plt.subplots(1, 2, figsize=(12, 5), dpi=DPI, sharey=True)
+def _speed_scatter(axes: Any, points: list[dict[str, Any]]) -> None:
+    """float32 members as dots, int8 variants as triangles: filled served, open rejected."""
     floats = [p for p in points if not p["quantized"]]
-    int8 = [p for p in points if p["quantized"]]
-    cost_axes.scatter([p["mflops"] for p in floats], [p["accuracy"] for p in floats], s=40)
-    speed_axes.scatter(
+    axes.scatter(
         [p["throughput"] for p in floats], [p["accuracy"] for p in floats], s=40, label="float32"
     )
     for served, face, label in (
         (True, "tab:orange", "int8, served"),
         (False, "none", "int8, rejected"),
     ):
-        chosen = [p for p in int8 if p["served"] == served]
+        chosen = [p for p in points if p["quantized"] and p["served"] == served]
         if chosen:
-            speed_axes.scatter(
+            axes.scatter(
                 [p["throughput"] for p in chosen],
                 [p["accuracy"] for p in chosen],
                 marker="v",
@@ -132,22 +126,75 @@ def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
                 edgecolors="tab:orange",
                 label=label,
             )
-    for axes in (cost_axes, speed_axes):
+
+
+def _frame(axes: Any, points: list[dict[str, Any]]) -> None:
+    """A dashed box around `points` on log-x axes, labelled to point at the zoom panel."""
+    xs = [p["throughput"] for p in points]
+    ys = [p["accuracy"] for p in points]
+    left, right = min(xs) / 1.4, max(xs) * 1.4
+    bottom, top = min(ys) - 0.003, max(ys) + 0.003
+    axes.add_patch(
+        Rectangle(
+            (left, bottom), right - left, top - bottom, fill=False, ls="--", lw=0.8, ec="grey"
+        )
+    )
+    axes.annotate(
+        "zoomed at right",
+        (right, top),
+        xytext=(4, -10),
+        textcoords="offset points",
+        fontsize="small",
+        color="grey",
+    )
+
+
+def accuracy_against_cost(points: list[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy against MFLOPs per image and against measured throughput, side by side.
+
+    int8 variants share their float32 model's MFLOPs, so they appear only in the speed panels,
+    where what differs is speed: filled where served, open where rejected. The most accurate
+    members cost about the same, so a third panel zooms on those within ZOOM_BAND of the best.
+    Each point: name, mflops, accuracy, throughput (img/s at batch 256), quantized, served.
+    """
+    figure, (cost_axes, speed_axes, zoom_axes) = plt.subplots(
+        1, 3, figsize=(18, 5), dpi=DPI, gridspec_kw={"width_ratios": (1, 1, 1.1)}
+    )
+    speed_axes.sharey(cost_axes)
+    floats = [p for p in points if not p["quantized"]]
+    best = max(p["accuracy"] for p in points)
+    zoomed = [p for p in points if p["accuracy"] >= best - ZOOM_BAND]
+    cost_axes.scatter([p["mflops"] for p in floats], [p["accuracy"] for p in floats], s=40)
+    _speed_scatter(speed_axes, points)
+    _speed_scatter(zoom_axes, zoomed)
+    for axes in (cost_axes, speed_axes, zoom_axes):
         _log_axis(axes)
+    # The zoom spans less than a decade: ticks at 1, 2 and 5 times powers of ten.
+    zoom_axes.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    zoom_axes.yaxis.set_major_locator(ticker.MultipleLocator(0.005))
+    zoom_axes.yaxis.set_major_formatter(ticker.PercentFormatter(xmax=1.0, decimals=1))
+    speed_title = "ONNX Runtime images/s at batch 256, this machine (log scale)"
     cost_axes.set(
         xlabel="MFLOPs per image (log scale)",
         ylabel="test accuracy (ONNX Runtime)",
         title="accuracy against compute",
     )
-    speed_axes.set(
-        xlabel="ONNX Runtime images/s at batch 256, this machine (log scale)",
-        title="accuracy against measured speed",
+    speed_axes.set(xlabel=speed_title, title="accuracy against measured speed")
+    zoom_axes.set(
+        xlabel=speed_title,
+        title=f"zoom: within {ZOOM_BAND * 100:g} points of the best",
     )
     speed_axes.legend(loc="lower left", fontsize="small")
     figure.suptitle("Fashion-MNIST model family: test accuracy against cost per image")
     figure.tight_layout()
     _place_labels(figure, cost_axes, [(p["name"], p["mflops"], p["accuracy"]) for p in floats])
-    _place_labels(figure, speed_axes, [(p["name"], p["throughput"], p["accuracy"]) for p in points])
+    # The zoomed points are named in the zoom panel; here a frame shows where they are.
+    _frame(speed_axes, zoomed)
+    outside = [p for p in points if p not in zoomed]
+    _place_labels(
+        figure, speed_axes, [(p["name"], p["throughput"], p["accuracy"]) for p in outside]
+    )
+    _place_labels(figure, zoom_axes, [(p["name"], p["throughput"], p["accuracy"]) for p in zoomed])
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)

@@ -40,6 +40,10 @@ SUFFIX = "-int8"
 CALIBRATION_IMAGES = 1024
 CALIBRATION_BATCH = 64
 ACCURACY_DROP_GOAL = 0.01  # the issue's goal: at most one accuracy point lost
+# int8 must beat float32 by this factor at both batch sizes to be served. Repeated measurements of
+# one model differ by a few percent, so a bare "faster" flipped between runs for models whose
+# two variants run equally fast (mlp: served in one run, rejected in the next at 0.03 ms each).
+MIN_SPEEDUP = 1.05
 
 # Activations uint8 (asymmetric, per tensor), weights int8 (symmetric, per output channel) with
 # a 7-bit range. ONNX Runtime's CPU kernels on x86-64 are U8S8. Its docs name S8S8 QDQ as the
@@ -237,14 +241,15 @@ def quantize_int8(
 
 
 def verdict(drop: float, int8: speed.Speed, float32: speed.Speed) -> list[str]:
-    """Why an int8 variant is not worth serving; empty when it is accurate and faster."""
+    """Why an int8 variant is not worth serving; empty when it is accurate and clearly faster."""
     reasons = []
     if drop > ACCURACY_DROP_GOAL:
         reasons.append("loses more than 1 point")
-    if int8.throughput <= float32.throughput:
-        reasons.append("slower at batch 256")
-    if int8.latency_ms >= float32.latency_ms:
-        reasons.append("slower at batch 1")
+    margin = f"{(MIN_SPEEDUP - 1) * 100:.0f}%"
+    if int8.throughput < float32.throughput * MIN_SPEEDUP:
+        reasons.append(f"not {margin} faster at batch 256")
+    if int8.latency_ms * MIN_SPEEDUP > float32.latency_ms:
+        reasons.append(f"not {margin} faster at batch 1")
     return reasons
 
 

@@ -247,7 +247,7 @@ def test_report_shows_why_a_variant_is_not_served(
     assert "Not in this repository yet: `logreg`, `kirsch`, `cnn`" in text  # only mlp is here
     row = next(line for line in text.splitlines() if line.startswith("| mlp-int8 |"))
     assert row.endswith(
-        "| no: slower at batch 256, slower at batch 1, "
+        "| no: not 5% faster at batch 256, not 5% faster at batch 1, "
         "measured then: x0.50 at batch 1, x0.50 at batch 256 |"
     )
 
@@ -259,4 +259,10 @@ def test_verdict_names_every_reason() -> None:
     slow = Speed(latency_ms=2.0, latency_p90_ms=2.0, throughput=5.0, threads=1)
     assert quantize.verdict(0.005, fast, slow) == []
     assert quantize.verdict(0.02, fast, slow) == ["loses more than 1 point"]
-    assert quantize.verdict(0.0, slow, fast) == ["slower at batch 256", "slower at batch 1"]
+    slower = ["not 5% faster at batch 256", "not 5% faster at batch 1"]
+    assert quantize.verdict(0.0, slow, fast) == slower
+    # Faster by less than the margin is a tie, not a win: such verdicts flipped between runs.
+    near = Speed(latency_ms=0.97, latency_p90_ms=1.0, throughput=10.3, threads=1)
+    assert quantize.verdict(0.0, near, fast) == slower
+    clear = Speed(latency_ms=0.95, latency_p90_ms=1.0, throughput=10.5, threads=1)
+    assert quantize.verdict(0.0, clear, fast) == []

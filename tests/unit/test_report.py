@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
+import torch  # noqa: E402
+
 from export import report, speed  # noqa: E402
-from export.registry import get_entry, list_models  # noqa: E402
+from export.registry import create_model, get_entry, list_models  # noqa: E402
 
 SECONDS = 0.02  # tiny models at tiny measuring times: the figures only have to exist
 
@@ -80,3 +83,16 @@ def test_report_command_writes_the_table(tiny_repository: Path, tmp_path: Path, 
     empty.mkdir()
     assert cli.main(["report", "--model-repository", str(empty), "--docs", str(tmp_path)]) == 2
     assert "no models in" in capsys.readouterr().err
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if report.bigger_option(n)])
+def test_each_suggested_bigger_model_builds_and_is_bigger(name: str) -> None:
+    # The "Bigger machines" table hands users a command: its option must build a bigger model.
+    key, value = report.bigger_option(name).split("=")
+    default = inspect.signature(get_entry(name).factory).parameters[key].default
+    big = create_model(name, **{key: type(default)(float(value))})
+    assert _parameter_count(big) > _parameter_count(create_model(name))
