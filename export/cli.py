@@ -28,7 +28,7 @@ from export.registry import get_entry, list_models
 DEFAULT_REPOSITORY = "models"
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
     """`key=value`, with the value read as JSON when it parses (numbers, lists), else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--name", help="repository name (default: the model name)")
     train.add_argument(
         "--option",
-        type=_parse_option,
+        type=parse_option,
         action="append",
         default=[],
         metavar="KEY=VALUE",

@@ -78,6 +78,17 @@ def shown_python() -> str:
         return str(path)
 
 
+def run_header(module: str, quick: bool, repository: Path) -> dict[str, Any]:
+    """The opening fields of a suite's JSON: the command as typed, when, on what, from where."""
+    return {
+        "command": shlex.join([shown_python(), "-m", module, *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "quick": quick,
+        "model_repository": str(repository),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def machine() -> dict[str, Any]:
     try:  # export.machine needs torch, which a serving-only install lacks
         from export.machine import cpu_model
@@ -162,15 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     logs = args.logs or args.out.with_name(args.out.stem + "-logs")  # made when a server starts
-    command = shlex.join([shown_python(), "-m", "bench.reliability", *sys.argv[1:]])
     started = time.time()
-    data: dict[str, Any] = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "quick": quick,
-        "model_repository": str(repository),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    data = run_header("bench.reliability", quick, repository)
     builder = Builder(test_images(), repository) if set(only) - {"fuzz"} else None
     results: dict[str, Any] = {}
     if "soak" in only:

@@ -70,6 +70,10 @@ class Server:
     models: tuple[str, ...]
     log: Path
     extra: tuple[str, ...] = ()
+    # Run from another source tree (bench.serving.compare's before/after): its folder and an
+    # environment whose PYTHONPATH puts its packages first. None: this process's own.
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
@@ -105,7 +109,9 @@ class Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("a") as sink:
             launched = time.monotonic()
-            self.process = subprocess.Popen(self.command(), stdout=sink, stderr=sink)
+            self.process = subprocess.Popen(
+                self.command(), stdout=sink, stderr=sink, cwd=self.cwd, env=self.env
+            )
         return launched
 
     def start(self, timeout: float = 120) -> float:

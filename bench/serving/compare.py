@@ -38,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,27 +136,8 @@ def imported_from(tree: Path) -> Path:
     return Path(out.strip()).resolve().parent
 
 
-@dataclass
-class TreeServer(Server):
-    """`cnnserve serve` run from a source tree, so that tree's `service` package serves.
-
-    `Server.launch` takes no cwd or environment, hence this override of it.
-    """
-
-    tree: Path = ROOT
-
-    def launch(self) -> float:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("a") as sink:
-            launched = time.monotonic()
-            self.process = subprocess.Popen(
-                self.command(), stdout=sink, stderr=sink, cwd=self.tree, env=tree_env(self.tree)
-            )
-        return launched
-
-
 def run_side(
-    server: TreeServer, requests: Requests, work: Workload, args: argparse.Namespace, logs: Path
+    server: Server, requests: Requests, work: Workload, args: argparse.Namespace, logs: Path
 ) -> dict[str, Any]:
     """Start, warm, measure once, stop: one side's figures for one round."""
     from bench.serving import measure
@@ -318,7 +298,8 @@ def measure_rounds(
             this_round = []
             for side in sides:
                 log = logs / f"{side}-{n}.log"
-                server = TreeServer(repository, (args.model,), log, extra, tree=trees[side])
+                tree = trees[side]
+                server = Server(repository, (args.model,), log, extra, cwd=tree, env=tree_env(tree))
                 result = {"round": n, "side": side} | run_side(server, requests, work, args, logs)
                 this_round.append(result)
             runs += this_round

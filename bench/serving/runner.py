@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.reliability.runner import machine, shown_python, versions
+from bench.reliability.runner import machine, run_header, versions
 from bench.reliability.server import Server
 from bench.reliability.workload import test_images
 from bench.serving import footprint, goals, raw, report, triton, workload
@@ -260,16 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     family = not quick if args.family is None else args.family
     repository = args.model_repository
     logs = args.logs or args.out.with_name(args.out.stem + "-logs")
-    command = shlex.join([shown_python(), "-m", "bench.serving", *sys.argv[1:]])
     started = time.time()
-    data: dict[str, Any] = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
-        "quick": quick,
-        "model_repository": str(repository),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
-        "settings": settings,
-    }
+    data = run_header("bench.serving", quick, repository) | {"settings": settings}
     exported = workload.export(repository, (*MODELS, *QUICK_SET))
     if family:
         exported += workload.export(repository, (), everything=True)
