@@ -96,3 +96,19 @@ def test_each_suggested_bigger_model_builds_and_is_bigger(name: str) -> None:
     default = inspect.signature(get_entry(name).factory).parameters[key].default
     big = create_model(name, **{key: type(default)(float(value))})
     assert _parameter_count(big) > _parameter_count(create_model(name))
+
+
+def test_family_time_sums_the_runs_and_discounts_disturbed_epochs() -> None:
+    def row(name: str, ends: list[float]) -> report.Row:
+        history = [{"seconds": end} for end in ends]
+        training = {"seconds": ends[-1], "epochs": len(ends), "history": history}
+        return report.Row(config={"name": name, "training": training}, path=Path(name), served=True)
+
+    # b's second epoch was slowed to 600 s: its median epoch (100 s) is what it takes, so
+    # a is 2 x 60 s and b 3 x 100 s: 7.0 min, where the recorded 920 s are 15.3 min.
+    rows = [row("a", [60.0, 120.0]), row("b", [100.0, 700.0, 800.0])]
+    (line, blank) = report.family_time(rows)
+    assert line.startswith("Training time of the 2 trained members: 15.3 min as recorded, 7.0 min")
+    assert "within the 2-hour budget" in line and blank == ""
+    slow = [row("c", [3000.0, 6000.0, 9000.0])]
+    assert "**over** the 2-hour budget" in report.family_time(slow)[0]
