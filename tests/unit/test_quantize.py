@@ -218,7 +218,7 @@ def test_auto_serves_only_a_faster_variant(
     if int8_faster:
         assert reasons == [] and served == [1] and rejected == []
     else:
-        assert reasons == ["slower at batch 256", "slower at batch 1"]
+        assert reasons == ["not 5% faster at batch 256", "not 5% faster at batch 1"]
         assert served == [] and rejected == [1]
     assert config["selection"]["served"] is int8_faster
     assert config["selection"]["int8"]["throughput"] == (2000.0 if int8_faster else 1000.0)
