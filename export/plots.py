@@ -61,12 +61,13 @@ MARKER_POINTS = 8  # a marker's box, in points, that labels keep clear of
 
 
 def _place_labels(figure: Any, axes: Any, labelled: list[tuple[str, float, float]]) -> None:
-    """Annotate each point at the first offset whose text box overlaps no marker or label.
+    """Label each point at the first offset clear of the axes' edges, markers and other labels.
 
     Several members cost about the same (20-70 MFLOPs, 2-5k img/s), so labels at one fixed
     offset overlap each other and the markers.
     """
     renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)  # a label past it would cover the tick labels
     half = MARKER_POINTS * figure.dpi / 72 / 2
     placed = [
         Bbox.from_extents(px - half, py - half, px + half, py + half)
@@ -86,7 +87,8 @@ def _place_labels(figure: Any, axes: Any, labelled: list[tuple[str, float, float
                 arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if far else None,
             )
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in placed):
                 break
             if attempt < len(candidates) - 1:
                 label.remove()
