@@ -115,7 +115,7 @@ def inception_network(
 @register_model(
     Recipe(
         epochs=12,
-        lr=2e-3,
+        lr=3e-3,
         weight_decay=5e-2,
         label_smoothing=0.1,
         crop_padding=2,
@@ -133,11 +133,13 @@ def googlenet(width: float = 0.375, stem: int | None = None) -> FamilyModel:
     `stem` sets the stem's channels (default 192 x `width`).
 
     Version 1 (width 0.25, 40% dropout, 14 epochs) under-fitted: 92.9% train accuracy under
-    augmentation and 92.0% test. Version 2, this recipe (width 0.375, 20% dropout, 12 epochs),
-    reached 92.97% at 138 s an epoch, a fifth of it in the 72-channel stem and its pool at
-    28x28 (bench/train_stages.py). Tried and rejected: a 32-channel stem with a 13th epoch
-    (108-127 s an epoch, 26 minutes): 92.67%, so the stem's channels earn their time; and
-    version 2 with a 13th epoch, 2 threads: 92.88% in 33 minutes.
+    augmentation and 92.0% test. Version 2 (width 0.375, 20% dropout, 12 epochs, AdamW peak
+    rate 2e-3) reached 92.97% at 138 s an epoch, a fifth of it in the 72-channel stem and its
+    pool at 28x28 (bench/train_stages.py). Tried and rejected: a 32-channel stem with a 13th
+    epoch (108-127 s an epoch, 26 minutes): 92.67%, so the stem's channels earn their time;
+    and version 2 with a 13th epoch, 2 threads: 92.88% in 33 minutes. Version 3, this recipe,
+    changes only the peak rate, to 3e-3 (with AdamW's decoupled decay that also regularises
+    more): 93.01%, its training loss below version 2's from the fourth epoch on.
     """
     return inception_network(width, bn=False, dropout=0.2, stem=stem)
 
