@@ -17,7 +17,9 @@ The contract, one batcher per loaded model version:
   inference.
 - The batch runs in a thread pool (ONNX Runtime releases the GIL), or on the loop itself when
   it holds at most `inline_images` images (a tiny model's small batch takes less time than the
-  hop to a thread and back). Only the union of the outputs its requests asked for is fetched.
+  hop to a thread and back); such a request reaching an idle batcher (nothing queued, no
+  batch running) runs inside `submit()`, without the trip through the collector task. Only
+  the union of the outputs its requests asked for is fetched.
   Outputs are split back by each request's size, and the sizes must add up. A failing batch
   fails its own requests, and only those.
 """
@@ -158,9 +160,13 @@ class Batcher:
         n = len(images)
         self._check_room(n, already_reserved=min(reserved, n))
         future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(level, collections.deque()).append(
-            _Pending(images, tuple(outputs), future, deadline)
-        )
+        pending = _Pending(images, tuple(outputs), future, deadline)
+        if n <= self.policy.inline_images and not self._queues and not self._running:
+            # Nothing waits and nothing runs: the collector would send this batch at once and
+            # run it on the loop, so run it here and skip the three task switches of the trip.
+            self._run_inline([pending])
+            return future
+        self._queues.setdefault(level, collections.deque()).append(pending)
         self._queued_images += n
         metrics.set_queue_depth(self.model, self.version, self._queued_images)
         self._wakeup.set()
@@ -255,40 +261,67 @@ class Batcher:
         self._wakeup.set()
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+        if sum(len(p.images) for p in batch) <= self.policy.inline_images:
+            self._run_inline(batch)
+            return
         started = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
-        wanted = list(dict.fromkeys(name for p in batch for name in p.outputs))
+        images, wanted = _merged(batch)
+        loop = asyncio.get_running_loop()
         try:
-            if len(images) <= self.policy.inline_images:
-                results = self._run(images, wanted)
-            else:
-                results = await loop.run_in_executor(self._executor, self._run, images, wanted)
+            results = await loop.run_in_executor(self._executor, self._run, images, wanted)
+        except Exception as error:  # noqa: BLE001 - any failure fails this batch only
+            self._failed(batch, len(images), error)
+            return
+        self._deliver(batch, results, started)
+
+    def _run_inline(self, batch: list[_Pending]) -> None:
+        """Run a small batch on the loop and resolve its futures before returning."""
+        started = time.perf_counter()
+        images, wanted = _merged(batch)
+        try:
+            results = self._run(images, wanted)
+        except Exception as error:  # noqa: BLE001 - any failure fails this batch only
+            self._failed(batch, len(images), error)
+            return
+        self._deliver(batch, results, started)
+
+    def _deliver(
+        self, batch: list[_Pending], results: dict[str, np.ndarray], started: float
+    ) -> None:
+        """Split a batch's outputs back to its requests and record it in the metrics."""
+        try:
             parts = _split(results, [len(p.images) for p in batch])
         except ServiceError as error:
             self._fail(batch, error)
             return
-        except Exception as error:  # noqa: BLE001 - any failure fails this batch only
-            log.exception("batch of %d images for %s failed", len(images), self.model)
-            self._fail(batch, InferenceFailed(f"inference failed: {type(error).__name__}"))
-            return
-        inference_seconds = time.perf_counter() - started
         metrics.observe_batch(
             self.model,
             self.version,
-            len(images),
+            sum(len(p.images) for p in batch),
             [started - p.enqueued for p in batch],
-            inference_seconds,
+            time.perf_counter() - started,
         )
         for pending, part in zip(batch, parts, strict=True):
             if not pending.future.done():
                 pending.future.set_result({name: part[name] for name in pending.outputs})
+
+    def _failed(self, batch: list[_Pending], images: int, error: Exception) -> None:
+        if not isinstance(error, ServiceError):
+            log.error("batch of %d images for %s failed", images, self.model, exc_info=error)
+            error = InferenceFailed(f"inference failed: {type(error).__name__}")
+        self._fail(batch, error)
 
     @staticmethod
     def _fail(batch: list[_Pending], error: ServiceError) -> None:
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_exception(error)
+
+
+def _merged(batch: list[_Pending]) -> tuple[np.ndarray, list[str]]:
+    """The batch's images in one array, and the union of the outputs its requests asked for."""
+    images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+    return images, list(dict.fromkeys(name for p in batch for name in p.outputs))
 
 
 def _split(results: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, np.ndarray]]:

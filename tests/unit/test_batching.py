@@ -328,3 +328,34 @@ def test_small_batches_run_on_the_loop_and_larger_ones_in_the_pool() -> None:
     assert small["sum"].shape == (4, 1) and large["sum"].shape == (5, 1)
     assert threads[0] == threading.current_thread().name  # the loop's own thread
     assert threads[1].startswith("pool")
+
+
+def test_a_small_request_to_an_idle_batcher_is_answered_inside_submit() -> None:
+    """No collector trip when nothing waits or runs; behind a running batch it queues."""
+    recorder = Recorder()
+
+    async def main():
+        batcher, _ = make(recorder, max_batch_size=64, max_queue_delay_s=0.05, inline_images=4)
+        idle = batcher.submit(images(2, 1.0), ["sum"])
+        assert idle.done() and recorder.batches == [2]  # answered before submit returned
+        failing = Recorder()
+        failing.fail_next = True
+        broken = Batcher("m", "1", failing, BatchPolicy(inline_images=4), ThreadPoolExecutor(1))
+        broken.start()
+        failed = broken.submit(images(1, 1.0), ["sum"])
+        assert failed.done() and isinstance(failed.exception(), InferenceFailed)
+        await broken.close()
+        recorder.release.clear()
+        running = batcher.submit(images(5, 0.0), ["sum"])  # too big for the loop: the pool
+        await asyncio.to_thread(recorder.started.wait, 5)
+        behind = batcher.submit(images(1, 3.0), ["sum"])
+        assert not behind.done()  # a batch is running: it waits for the next one
+        recorder.release.set()
+        results = await asyncio.gather(idle, running, behind)
+        await batcher.close()
+        return results
+
+    idle, running, behind = run(main())
+    np.testing.assert_array_equal(idle["sum"], np.full((2, 1), 784.0))
+    np.testing.assert_array_equal(behind["sum"], np.full((1, 1), 3 * 784.0))
+    assert recorder.batches == [2, 5, 1]
