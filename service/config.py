@@ -38,6 +38,7 @@ class Settings:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     allow_spinning: bool = False
+    small_batch_session: bool = True
     executor_threads: int = 2
     decode_threads: int = 1
     event_loop: str = "auto"  # auto | uvloop | asyncio
@@ -76,6 +77,9 @@ HELP: dict[str, str] = {
     "inter_op_threads": "ONNX Runtime inter-op threads per session",
     "allow_spinning": "let ONNX Runtime threads spin while idle (faster on idle cores, "
     "steals CPU from the gRPC threads on a small machine)",
+    "small_batch_session": "on a multi-core CPU, also load a one-thread session of each model "
+    "for the small batches it runs faster at load-time timing (no thread-pool wake-up per "
+    "operator); costs a second session's memory",
     "executor_threads": "threads that run batches (session.run releases the GIL)",
     "decode_threads": "threads that decode requests of several encoded images, off the event "
     "loop (more contend with the loop for the GIL: 1 measured best on 2 cores)",

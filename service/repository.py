@@ -228,11 +228,14 @@ class ModelRepository:
         entry.load_seconds = time.perf_counter() - started
         entry.state = State.READY
         log.info(
-            "model %s version %s ready on %s in %.2f s",
+            "model %s version %s ready on %s in %.2f s; batches of up to %d images run on the "
+            "event loop, of up to %d on a one-thread session",
             entry.name,
             entry.version,
             entry.provider,
             entry.load_seconds,
+            inline,
+            entry.runtime.single_images,
         )
         self._changed(entry)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,8 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0: one per core
     inter_op_threads: int = 1  # the graphs are chains: no parallel branches worth a pool
     allow_spinning: bool = False  # spinning threads steal the cores the gRPC loop needs
+    # On a multi-core CPU, a second one-thread session for the batches it runs faster
+    small_batch_session: bool = True
 
     def threads(self) -> int:
         return self.intra_op_threads or os.cpu_count() or 1
@@ -70,20 +72,8 @@ class ModelRuntime:
     """An ONNX Runtime session and what the batcher needs to know about it."""
 
     def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.threads()
-        session_options.inter_op_num_threads = options.inter_op_threads
-        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session_options.log_severity_level = 3
-        spin = "1" if options.allow_spinning else "0"
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         requested = providers_for(options.device)
-        try:
-            self.session = ort.InferenceSession(str(path), session_options, providers=requested)
-        except Exception as error:  # ORT raises its own Fail/InvalidGraph types
-            raise LoadError(f"ONNX Runtime could not load {path.name}: {error}") from error
+        self.session = _session(path, options, options.threads(), requested)
         self.session.disable_fallback()
         self.provider = self.session.get_providers()[0]
         kind, _ = parse_device(options.device)
@@ -92,38 +82,66 @@ class ModelRuntime:
                 f"device {options.device!r} asked for, but ONNX Runtime started {self.provider} "
                 "(is a GPU visible, and are the CUDA libraries installed?)"
             )
+        # A small batch's operators are too small to split across threads: waking the pool's
+        # threads for each one costs more than they save, so on a multi-core CPU such batches
+        # run on a one-thread session (up to `single_images`, chosen by timing in warm_up).
+        self.single: ort.InferenceSession | None = None
+        if self.provider == CPU and options.threads() > 1 and options.small_batch_session:
+            self.single = _session(path, options, 1, [CPU])
+        self.single_images = 0
         self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Only the named outputs are copied out; the graph runs once whatever is asked."""
+        session = self.single if len(batch) <= self.single_images else self.session
+        assert session is not None
         try:
-            values = self.session.run(list(outputs), {self.input_name: batch})
+            values = session.run(list(outputs), {self.input_name: batch})
         except Exception as error:
             raise InferenceFailed(f"inference failed: {error}") from error
         return dict(zip(outputs, values, strict=True))
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
-        then time batches of TIMED_SIZES (`batch_seconds`, the median of a few runs each)."""
-        for size in sorted({1, max(1, max_batch_size)}):
-            self.run(self._zeros(size), self.output_names)
-        for size in TIMED_SIZES:
-            batch, times = self._zeros(size), []
-            for _ in range(WARM_UP_TIMINGS):
-                started = time.perf_counter()
-                self.run(batch, self.output_names)
-                times.append(time.perf_counter() - started)
-            self.batch_seconds[size] = sorted(times)[len(times) // 2]
+        then time batches of TIMED_SIZES (the median of a few runs each) on each session.
+
+        `batch_seconds` keeps the faster session's time per size, and `single_images` the
+        largest batch, up to the largest timed size, the one-thread session is predicted to run
+        at least as fast.
+        """
+        timed: list[dict[int, float]] = []  # per session: images -> seconds
+        for session in filter(None, (self.session, self.single)):
+            # the one-thread session never sees more than the largest timed batch, and its
+            # memory arena grows only to what it sees: half the memory of warming it larger
+            largest = max_batch_size if session is self.session else TIMED_SIZES[-1]
+            for size in sorted({1, max(1, largest)}):
+                session.run(self.output_names, {self.input_name: self._zeros(size)})
+            timed.append({size: self._median_seconds(session, size) for size in TIMED_SIZES})
+        if len(timed) == 2:
+            multi, single = _line(timed[0]), _line(timed[1])
+            limit = min(max(1, max_batch_size), TIMED_SIZES[-1])  # no extrapolation
+            self.single_images = next(
+                (n - 1 for n in range(1, limit + 1) if single(n) > multi(n)), limit
+            )
+        self.batch_seconds = {
+            size: timed[-1 if size <= self.single_images else 0][size] for size in TIMED_SIZES
+        }
+
+    def _median_seconds(self, session: ort.InferenceSession, size: int) -> float:
+        batch, times = self._zeros(size), []
+        for _ in range(WARM_UP_TIMINGS):
+            started = time.perf_counter()
+            session.run(self.output_names, {self.input_name: batch})
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
 
     def predicted_seconds(self, images: int) -> float | None:
         """A batch's inference time, on the line through the timed sizes (None: not timed)."""
         if len(self.batch_seconds) < len(TIMED_SIZES):
             return None
-        (small, t_small), (large, t_large) = sorted(self.batch_seconds.items())
-        per_image = max(t_large - t_small, 0.0) / (large - small)
-        return t_small + per_image * (images - small)
+        return _line(self.batch_seconds)(images)
 
     def _zeros(self, size: int) -> np.ndarray:
         shape = [size, *(d if isinstance(d, int) else 1 for d in self.input_shape())]
@@ -132,3 +150,31 @@ class ModelRuntime:
     def input_shape(self) -> list[int | str]:
         """Per-image input shape (the batch axis left out)."""
         return list(self.session.get_inputs()[0].shape[1:])
+
+
+def _session(
+    path: Path,
+    options: RuntimeOptions,
+    threads: int,
+    providers: list[str | tuple[str, dict[str, str]]],
+) -> ort.InferenceSession:
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = threads
+    session_options.inter_op_num_threads = options.inter_op_threads
+    session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session_options.log_severity_level = 3
+    spin = "1" if options.allow_spinning else "0"
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    try:
+        return ort.InferenceSession(str(path), session_options, providers=providers)
+    except Exception as error:  # ORT raises its own Fail/InvalidGraph types
+        raise LoadError(f"ONNX Runtime could not load {path.name}: {error}") from error
+
+
+def _line(seconds: dict[int, float]) -> Callable[[int], float]:
+    """Batch time against images, on the line through two timed sizes (never decreasing)."""
+    (small, t_small), (large, t_large) = sorted(seconds.items())
+    per_image = max(t_large - t_small, 0.0) / (large - small)
+    return lambda images: t_small + per_image * (images - small)

@@ -65,6 +65,7 @@ class Server:
                 intra_op_threads=settings.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
                 allow_spinning=settings.allow_spinning,
+                small_batch_session=settings.small_batch_session,
             ),
             BatchOverrides(
                 max_batch_size=settings.max_batch_size or None,

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import grpc
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -80,3 +81,32 @@ def test_a_corrupt_model_is_reported_failed_and_the_others_serve(
         assert len(reply.results) == 1
     finally:
         running.stop()
+
+
+def test_small_batches_run_on_a_one_thread_session_with_the_same_answers(
+    tiny_repository: Path, fmnist
+) -> None:
+    """A multi-threaded CPU session gets a one-thread twin for the small batches it times
+    faster; both give the same outputs, and neither exists twice where it cannot help."""
+    path = tiny_repository / "lenet5" / "1" / "model.onnx"
+    runtime = ModelRuntime(path, RuntimeOptions(device="cpu", intra_op_threads=2))
+    assert runtime.single is not None
+    assert runtime.single.get_session_options().intra_op_num_threads == 1
+    runtime.warm_up(64)
+    assert 0 <= runtime.single_images <= 8  # never beyond the largest timed batch
+    images = (fmnist.test_images[:8, None] / 255.0).astype(np.float32)
+    names = runtime.output_names
+    for size in (1, 8):
+        single = runtime.single.run(names, {runtime.input_name: images[:size]})
+        multi = runtime.session.run(names, {runtime.input_name: images[:size]})
+        served = runtime.run(images[:size], names)
+        for name, a, b in zip(names, single, multi, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(served[name], b, rtol=1e-4, atol=1e-5)
+    for options in (
+        RuntimeOptions(device="cpu", intra_op_threads=1),
+        RuntimeOptions(device="cpu", intra_op_threads=2, small_batch_session=False),
+    ):
+        runtime = ModelRuntime(path, options)
+        runtime.warm_up(64)
+        assert runtime.single is None and runtime.single_images == 0
