@@ -8,4 +8,6 @@ naive grpc.aio server calling `session.run` per request (`naive_server`). Closed
 from a separate process (`load`); each point's figures (`measure`) and the start-up and memory
 footprint (`footprint`) land in one JSON file, from which `goals` judges the targets and
 `report` and `plot` write docs/BENCHMARKS.md and its picture, never from hand-typed numbers.
+`compare` measures one change before and after it; `changes` lists those measurements, kept in
+bench/results/changes/, in the report.
 """

@@ -3,18 +3,25 @@
 `render(data)` is pure (a dict in, markdown out), so it is tested on a small synthetic JSON;
 `write` adds the file and the latency-throughput picture beside it (`plot`). Formatting and
 the goals table are bench/reliability's, so both reports read alike; a missed goal is shown as
-**missed**, and a system that was skipped says why where its figures would be.
+**missed**, and a system that was skipped says why where its figures would be. The changes
+measured one at a time (`changes`) come in as `data["changes"]`, loaded by the caller.
+
+`python -m bench.serving.report [--data bench/results/serving.json] [--changes
+bench/results/changes] [--docs docs/BENCHMARKS.md]` writes the report again from a suite's JSON
+and the changes folder as they are now, without measuring anything.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shlex
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from bench.reliability.report import fmt, goals_table, server_command, table
-from bench.serving import plot
+from bench.serving import changes, plot
 from bench.serving.goals import point
 from bench.serving.systems import NAMES, measured, name
 
@@ -438,8 +445,9 @@ def shown_command(label: str, argv: list[str]) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    lines = _intro(data) + _summary(data) + _headline(data) + _every_point(data)
-    lines += _inside(data) + _raw(data) + _features(data) + _footprint(data) + _how(data)
+    lines = _intro(data) + _summary(data) + _headline(data)
+    lines += changes.section(data.get("changes", [])) + _every_point(data) + _inside(data)
+    lines += _raw(data) + _features(data) + _footprint(data) + _how(data)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -449,3 +457,23 @@ def write(data: dict[str, Any], path: Path) -> Path:
     plot.latency_throughput(data, path.parent / PICTURE)
     path.write_text(render(data))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serving.report",
+        description="Write docs/BENCHMARKS.md and its picture again from a serving suite JSON "
+        "and the changes folder, without running the suite.",
+    )
+    parser.add_argument("--data", type=Path, default=Path("bench/results/serving.json"))
+    parser.add_argument("--changes", type=Path, default=changes.FOLDER)
+    parser.add_argument("--docs", type=Path, default=Path("docs/BENCHMARKS.md"))
+    args = parser.parse_args(argv)
+    data = json.loads(args.data.read_text()) | {"changes": changes.load(args.changes)}
+    write(data, args.docs)
+    print(f"wrote {args.docs} from {args.data} and {len(data['changes'])} change(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

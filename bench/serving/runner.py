@@ -2,8 +2,9 @@
 
 Usage: `.venv/bin/python -m bench.serving [--quick] [--repeats N] [--seconds S]
 [--systems raw,native,oip,triton,naive,floor] [--allow-spinning off|on|both]
-[--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]`. Exit status: 0 when every
-goal measured was met, 1 when one was missed, 2 when nothing could be measured.
+[--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]
+[--changes bench/results/changes]`. Exit status: 0 when every goal measured was met, 1 when
+one was missed, 2 when nothing could be measured.
 
 Repeats go round every server in turn (start, measure each point once, stop), so a slow spell
 on the machine touches every system alike, and every repeat times each server's start-up too.
@@ -23,7 +24,7 @@ from typing import Any
 from bench.reliability.runner import machine, run_header, versions
 from bench.reliability.server import Server
 from bench.reliability.workload import test_images
-from bench.serving import footprint, goals, raw, report, triton, workload
+from bench.serving import changes, footprint, goals, raw, report, triton, workload
 from bench.serving import measure as measuring
 from bench.serving.floor_server import FloorServer
 from bench.serving.load import Load
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-repository", type=Path, default=Path("bench/models"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     parser.add_argument("--docs", type=Path, default=Path("docs/BENCHMARKS.md"))
+    parser.add_argument(
+        "--changes",
+        type=Path,
+        default=changes.FOLDER,
+        help="bench.serving.compare JSON files the report lists, one per change",
+    )
     parser.add_argument("--logs", type=Path, help="server logs (default: beside --out, *-logs)")
     return parser
 
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     data["goals"] = goals.compute(data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
-    report.write(data, args.docs)
+    report.write(data | {"changes": changes.load(args.changes)}, args.docs)  # not in --out
     for g in data["goals"]:
         verdict = {True: "met   ", False: "MISSED", None: "n/a   "}[g["met"]]
         print(f"  {verdict} {g['goal']}: {g['measured']} (goal: {g['target']})")

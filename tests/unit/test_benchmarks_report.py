@@ -3,10 +3,12 @@ small synthetic JSON, so a goal judged wrongly or a figure dropped from a table 
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.serving import goals, report
+from bench.serving import changes, compare, goals, report
 
 
 def summary(images_per_s: float, p50: float, p99: float, cpu_per_1000: float) -> dict[str, Any]:
@@ -281,3 +283,105 @@ def test_write_adds_the_picture_beside_the_markdown(tmp_path: Path) -> None:
     assert path.read_text().count(f"]({report.PICTURE})") == 1
     picture = tmp_path / "docs" / report.PICTURE
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def compared(
+    date: str, commit: str, subject: str | None = "batcher: run small batches inline"
+) -> dict[str, Any]:
+    """A bench.serving.compare JSON as `changes.load` returns it, figures from `summarise`."""
+    runs = [
+        {"side": side, "images_per_s": ips, "p50": p50, "p99": p99}
+        | {"cpu_ms_per_call": cpu, "server_cpu_s_per_1000": cpu}
+        for side, ips, p50, p99, cpu in (
+            ("before", 1000.0, 4.0, 9.0, 1.0),
+            ("after", 1200.0, 3.0, 7.0, 0.8),
+            ("after", 1100.0, 3.5, 6.0, 0.9),
+            ("before", 900.0, 5.0, 11.0, 1.2),
+            ("before", 950.0, 4.5, 10.0, 1.1),
+            ("after", 1150.0, 2.5, 8.0, 0.7),
+        )
+    ]
+    command = ".venv/bin/python -m bench.serving.compare HEAD~1 --system oip --rounds 3"
+    return {
+        "command": command,
+        "date": date,
+        "before": {"rev": "HEAD~1", "commit": "aaaaaaa"},
+        "after": {"commit": commit, "uncommitted_changes": False},
+        "settings": {"model": "lenet5", "system": "oip", "concurrency": 32}
+        | {"images_per_request": 1, "seconds": 6.0, "rounds": 3, "warmup_s": 2.0},
+        "runs": runs,
+        "summary": compare.summarise(runs),
+        "file": f"{date[:10]}-{commit}.json",
+        "subject": subject,
+    }
+
+
+def test_each_change_measured_is_a_row_of_its_figures() -> None:
+    text = report.render(synthetic() | {"changes": [compared("2026-01-02 10:00:00 UTC", "bbb")]})
+    section = text.split("## Changes, measured one at a time")[1].split("## Every point")[0]
+    assert text.index("## Single images at concurrency") < text.index("## Changes, measured")
+    assert "interleaved in alternating order on the same machine" in section
+    assert "a ratio inside the throughput spread of either side is noise" in section
+    row = next(line for line in section.splitlines() if line.startswith("| 2026-01-02"))
+    cells = [c.strip() for c in row.strip("|").split(" | ")]
+    assert cells[:3] == [
+        "2026-01-02 10:00:00 UTC",
+        "`bbb` batcher: run small batches inline",
+        "lenet5 oip, concurrency 32, 1 image per request",
+    ]
+    assert cells[3] == f"950 → 1,150 (x{1150 / 950:.2f})"  # medians over the rounds per side
+    assert cells[4:6] == ["4.50 → 3.00", "10.0 → 7.0"]  # p50, p99 ms: both sides' decimals
+    assert cells[6] == f"1.10 → 0.80 (x{0.8 / 1.1:.2f})"  # server CPU ms per call
+    assert cells[7] == "10.5% / 8.7%"  # (1000 - 900) / 950 and (1200 - 1100) / 1150
+    assert cells[8] == "3 × 6 s"
+    assert cells[9] == "`.venv/bin/python -m bench.serving.compare HEAD~1 --system oip --rounds 3`"
+
+
+def test_an_uncommitted_change_names_no_subject_and_pipes_stay_in_their_cell() -> None:
+    change = compared("2026-01-02 10:00:00 UTC", "bbb", subject="a | b")
+    change["after"]["uncommitted_changes"] = True
+    change["command"] += ' --server-args "--x a|b"'
+    text = report.render(synthetic() | {"changes": [change]})
+    assert "| `bbb` + uncommitted changes |" in text and "a | b" not in text
+    assert '--server-args "--x a\\|b"`' in text
+
+
+def test_no_change_measured_says_so_in_one_line() -> None:
+    text = report.render(synthetic() | {"changes": []})
+    section = text.split("## Changes, measured one at a time\n\n")[1].split("\n\n## ")[0]
+    assert section == "No change measured one at a time yet (no JSON in `bench/results/changes/`)."
+
+
+def test_changes_load_sorted_by_date_with_their_commit_subjects(tmp_path: Path) -> None:
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "runtime: faster"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    folder = tmp_path / "changes"
+    folder.mkdir()
+    dates = {"a-late": "2026-03-01 09:00:00 UTC", "b-early": "2026-01-05 18:00:00 UTC"}
+    dates |= {"c-middle": "2026-02-01 08:00:00 CET"}
+    for stem, date in dates.items():
+        commit = head.stdout.strip() if stem == "b-early" else "0123456789"
+        change = {k: v for k, v in compared(date, commit).items() if k not in ("file", "subject")}
+        (folder / f"{stem}.json").write_text(json.dumps(change))
+    (folder / "README.md").write_text("not a change")
+    found = changes.load(folder)
+    assert [c["file"] for c in found] == ["b-early.json", "c-middle.json", "a-late.json"]
+    assert [c["subject"] for c in found] == ["runtime: faster", None, None]  # unknown commit
+    assert found[0]["summary"]["images_per_s"]["after"] == 1150
+    assert changes.load(tmp_path / "missing") == []
+
+
+def test_the_report_is_written_again_from_the_json_and_the_changes(tmp_path: Path) -> None:
+    (tmp_path / "serving.json").write_text(json.dumps(synthetic()))
+    (tmp_path / "changes").mkdir()
+    change = compared("2026-01-02 10:00:00 UTC", "bbb")
+    (tmp_path / "changes" / "2026-01-02-inline.json").write_text(json.dumps(change))
+    docs = tmp_path / "docs" / "BENCHMARKS.md"
+    args = ["--data", str(tmp_path / "serving.json"), "--changes", str(tmp_path / "changes")]
+    assert report.main([*args, "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    assert "| 2026-01-02 10:00:00 UTC | `bbb` |" in text  # no such commit, so no subject
+    assert f"| 950 → 1,150 (x{1150 / 950:.2f}) |" in text
+    assert "7 of 11 goals met" in text and (docs.parent / report.PICTURE).is_file()
