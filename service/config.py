@@ -77,9 +77,9 @@ HELP: dict[str, str] = {
     "inter_op_threads": "ONNX Runtime inter-op threads per session",
     "allow_spinning": "let ONNX Runtime threads spin while idle (faster on idle cores, "
     "steals CPU from the gRPC threads on a small machine)",
-    "small_batch_session": "on a multi-core CPU, also load a one-thread session of each model "
-    "for the small batches it runs faster at load-time timing (no thread-pool wake-up per "
-    "operator); costs a second session's memory",
+    "small_batch_session": "on a multi-core CPU, run the batches small enough for the event "
+    "loop (--inline-inference-ms) on a second, one-thread session of the model: no thread-pool "
+    "wake-up per operator; costs a small second session per model",
     "executor_threads": "threads that run batches (session.run releases the GIL)",
     "decode_threads": "threads that decode requests of several encoded images, off the event "
     "loop (more contend with the loop for the GIL: 1 measured best on 2 cores)",

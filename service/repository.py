@@ -193,7 +193,7 @@ class ModelRepository:
         budget = self.batching.inline_ms / 1000
         fits = 0
         for images in range(1, limit + 1):
-            predicted = runtime.predicted_seconds(images)
+            predicted = runtime.predicted_seconds(images, single=True)
             if predicted is None or predicted > budget:
                 break
             fits = images
@@ -222,6 +222,7 @@ class ModelRepository:
             self._changed(entry)
             return
         inline = self._inline_images(entry.runtime, policy.max_batch_size)
+        entry.runtime.use_single_for(inline)
         policy = replace(policy, inline_images=inline)
         entry.batcher = Batcher(entry.name, entry.version, entry.runtime.run, policy, self.executor)
         entry.batcher.start()
@@ -229,7 +230,7 @@ class ModelRepository:
         entry.state = State.READY
         log.info(
             "model %s version %s ready on %s in %.2f s; batches of up to %d images run on the "
-            "event loop, of up to %d on a one-thread session",
+            "event loop (of up to %d on a one-thread session)",
             entry.name,
             entry.version,
             entry.provider,

@@ -82,13 +82,14 @@ class ModelRuntime:
                 f"device {options.device!r} asked for, but ONNX Runtime started {self.provider} "
                 "(is a GPU visible, and are the CUDA libraries installed?)"
             )
-        # A small batch's operators are too small to split across threads: waking the pool's
-        # threads for each one costs more than they save, so on a multi-core CPU such batches
-        # run on a one-thread session (up to `single_images`, chosen by timing in warm_up).
+        # A batch small enough to run on the event loop runs on a one-thread session: its
+        # operators are too small to split, and waking the pool's threads for each costs more
+        # than they save (the repository sets `single_images` to the loop's share).
         self.single: ort.InferenceSession | None = None
         if self.provider == CPU and options.threads() > 1 and options.small_batch_session:
             self.single = _session(path, options, 1, [CPU])
         self.single_images = 0
+        self.single_seconds: dict[int, float] = {}  # the same timings for `single`
         self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -105,29 +106,25 @@ class ModelRuntime:
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
-        then time batches of TIMED_SIZES (the median of a few runs each) on each session.
-
-        `batch_seconds` keeps the faster session's time per size, and `single_images` the
-        largest batch, up to the largest timed size, the one-thread session is predicted to run
-        at least as fast.
-        """
-        timed: list[dict[int, float]] = []  # per session: images -> seconds
-        for session in filter(None, (self.session, self.single)):
-            # the one-thread session never sees more than the largest timed batch, and its
-            # memory arena grows only to what it sees: half the memory of warming it larger
-            largest = max_batch_size if session is self.session else TIMED_SIZES[-1]
-            for size in sorted({1, max(1, largest)}):
-                session.run(self.output_names, {self.input_name: self._zeros(size)})
-            timed.append({size: self._median_seconds(session, size) for size in TIMED_SIZES})
-        if len(timed) == 2:
-            multi, single = _line(timed[0]), _line(timed[1])
-            limit = min(max(1, max_batch_size), TIMED_SIZES[-1])  # no extrapolation
-            self.single_images = next(
-                (n - 1 for n in range(1, limit + 1) if single(n) > multi(n)), limit
-            )
+        then time batches of TIMED_SIZES (the median of a few runs each) on each session."""
+        for size in sorted({1, max(1, max_batch_size)}):
+            self.session.run(self.output_names, {self.input_name: self._zeros(size)})
         self.batch_seconds = {
-            size: timed[-1 if size <= self.single_images else 0][size] for size in TIMED_SIZES
+            size: self._median_seconds(self.session, size) for size in TIMED_SIZES
         }
+        if self.single is not None:
+            # only small batches ever run on it, and its memory arena grows only to what it
+            # sees: warming it at the largest batch would double the memory for nothing
+            self.single_seconds = {
+                size: self._median_seconds(self.single, size) for size in TIMED_SIZES
+            }
+
+    def use_single_for(self, images: int) -> None:
+        """Run batches of up to `images` on the one-thread session; with 0, drop the session."""
+        if self.single is None or images <= 0:
+            self.single, self.single_images = None, 0
+            return
+        self.single_images = images
 
     def _median_seconds(self, session: ort.InferenceSession, size: int) -> float:
         batch, times = self._zeros(size), []
@@ -137,11 +134,13 @@ class ModelRuntime:
             times.append(time.perf_counter() - started)
         return sorted(times)[len(times) // 2]
 
-    def predicted_seconds(self, images: int) -> float | None:
-        """A batch's inference time, on the line through the timed sizes (None: not timed)."""
-        if len(self.batch_seconds) < len(TIMED_SIZES):
+    def predicted_seconds(self, images: int, single: bool = False) -> float | None:
+        """A batch's inference time, on the line through the timed sizes (None: not timed);
+        `single`: on the one-thread session, where there is one."""
+        seconds = self.single_seconds if single and self.single_seconds else self.batch_seconds
+        if len(seconds) < len(TIMED_SIZES):
             return None
-        return _line(self.batch_seconds)(images)
+        return _line(seconds)(images)
 
     def _zeros(self, size: int) -> np.ndarray:
         shape = [size, *(d if isinstance(d, int) else 1 for d in self.input_shape())]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -11,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from service.proto import cnnserve_pb2 as pb
+from service.repository import BatchOverrides, ModelRepository
 from service.runtime import CUDA, LoadError, ModelRuntime, RuntimeOptions, parse_device
 from tests.integration.conftest import start_server
 
@@ -83,17 +86,33 @@ def test_a_corrupt_model_is_reported_failed_and_the_others_serve(
         running.stop()
 
 
-def test_small_batches_run_on_a_one_thread_session_with_the_same_answers(
+def test_batches_run_on_the_loop_use_a_one_thread_session_with_the_same_answers(
     tiny_repository: Path, fmnist
 ) -> None:
-    """A multi-threaded CPU session gets a one-thread twin for the small batches it times
-    faster; both give the same outputs, and neither exists twice where it cannot help."""
+    """A multi-threaded CPU session gets a one-thread twin for the batches the event loop
+    runs; both give the same outputs, and the twin exists only where it can help."""
     path = tiny_repository / "lenet5" / "1" / "model.onnx"
-    runtime = ModelRuntime(path, RuntimeOptions(device="cpu", intra_op_threads=2))
+    options = RuntimeOptions(device="cpu", intra_op_threads=2)
+
+    async def load() -> tuple[ModelRuntime, int]:
+        with ThreadPoolExecutor(1) as executor:
+            repository = ModelRepository(
+                tiny_repository, options, BatchOverrides(inline_ms=1000.0), executor, ["lenet5"]
+            )
+            repository.scan()
+            await repository.load_all()
+            entry = repository.ready("lenet5")
+            assert entry.runtime is not None and entry.batcher is not None
+            inline = entry.batcher.policy.inline_images
+            await repository.close()
+            return entry.runtime, inline
+
+    runtime, inline = asyncio.run(load())
     assert runtime.single is not None
     assert runtime.single.get_session_options().intra_op_num_threads == 1
-    runtime.warm_up(64)
-    assert 0 <= runtime.single_images <= 8  # never beyond the largest timed batch
+    assert set(runtime.single_seconds) == set(runtime.batch_seconds) == {1, 8}
+    # an inline budget of a second covers every batch, and all of them go to the twin
+    assert inline > 0 and runtime.single_images == inline
     images = (fmnist.test_images[:8, None] / 255.0).astype(np.float32)
     names = runtime.output_names
     for size in (1, 8):
@@ -103,10 +122,12 @@ def test_small_batches_run_on_a_one_thread_session_with_the_same_answers(
         for name, a, b in zip(names, single, multi, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(served[name], b, rtol=1e-4, atol=1e-5)
+    runtime.use_single_for(0)  # what a model gets whose batches never run on the loop
+    assert runtime.single is None and runtime.run(images[:1], names)
     for options in (
         RuntimeOptions(device="cpu", intra_op_threads=1),
         RuntimeOptions(device="cpu", intra_op_threads=2, small_batch_session=False),
     ):
         runtime = ModelRuntime(path, options)
         runtime.warm_up(64)
-        assert runtime.single is None and runtime.single_images == 0
+        assert runtime.single is None and runtime.single_seconds == {}
