@@ -164,7 +164,10 @@ class Batcher:
         if n <= self.policy.inline_images and not self._queues and not self._running:
             # Nothing waits and nothing runs: the collector would send this batch at once and
             # run it on the loop, so run it here and skip the three task switches of the trip.
-            self._run_inline([pending])
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                future.set_exception(DeadlineExceeded("deadline passed before inference began"))
+            else:
+                self._run_inline([pending])
             return future
         self._queues.setdefault(level, collections.deque()).append(pending)
         self._queued_images += n

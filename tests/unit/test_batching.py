@@ -338,6 +338,8 @@ def test_a_small_request_to_an_idle_batcher_is_answered_inside_submit() -> None:
         batcher, _ = make(recorder, max_batch_size=64, max_queue_delay_s=0.05, inline_images=4)
         idle = batcher.submit(images(2, 1.0), ["sum"])
         assert idle.done() and recorder.batches == [2]  # answered before submit returned
+        late = batcher.submit(images(1, 1.0), ["sum"], deadline=asyncio.get_running_loop().time())
+        assert isinstance(late.exception(), DeadlineExceeded) and recorder.batches == [2]
         failing = Recorder()
         failing.fail_next = True
         broken = Batcher("m", "1", failing, BatchPolicy(inline_images=4), ThreadPoolExecutor(1))
