@@ -1,9 +1,10 @@
-"""One ONNX Runtime session per model version: provider choice, threads, output selection.
+"""The ONNX Runtime session(s) of a model version: provider choice, threads, output selection.
 
 The provider in use is read back from the session, never assumed: ONNX Runtime quietly falls
 back to the CPU when the CUDA provider cannot start, and its Python `run` may fall back again
 after a CUDA failure. We disable that fallback and report, or refuse, what really runs.
-`run` is thread-safe and releases the GIL, so the batcher calls it from a thread pool.
+`run` is thread-safe and releases the GIL, so the batcher calls it from a thread pool. On a
+multi-core CPU a one-thread twin session runs the batches small enough for the event loop.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0: one per core
     inter_op_threads: int = 1  # the graphs are chains: no parallel branches worth a pool
     allow_spinning: bool = False  # spinning threads steal the cores the gRPC loop needs
-    # On a multi-core CPU, a second one-thread session for the batches it runs faster
+    # On a multi-core CPU, a second, one-thread session for the batches the event loop runs
     small_batch_session: bool = True
 
     def threads(self) -> int:
