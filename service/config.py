@@ -79,7 +79,7 @@ HELP: dict[str, str] = {
     "steals CPU from the gRPC threads on a small machine)",
     "small_batch_session": "on a multi-core CPU, run the batches small enough for the event "
     "loop (--inline-inference-ms) on a second, one-thread session of the model: no thread-pool "
-    "wake-up per operator; costs a small second session per model",
+    "wake-up per operator; costs a small second session per such model",
     "executor_threads": "threads that run batches (session.run releases the GIL)",
     "decode_threads": "threads that decode requests of several encoded images, off the event "
     "loop (more contend with the loop for the GIL: 1 measured best on 2 cores)",

@@ -201,7 +201,7 @@ class ModelRepository:
 
     def _create(self, entry: ModelVersion, policy: BatchPolicy) -> ModelRuntime:
         runtime = ModelRuntime(entry.path, self.runtime_options)
-        runtime.warm_up(policy.max_batch_size)
+        runtime.warm_up(policy.max_batch_size, self.batching.inline_ms / 1000)
         return runtime
 
     async def load(self, entry: ModelVersion) -> None:

@@ -85,10 +85,11 @@ class ModelRuntime:
             )
         # A batch small enough to run on the event loop runs on a one-thread session: its
         # operators are too small to split, and waking the pool's threads for each costs more
-        # than they save (the repository sets `single_images` to the loop's share).
+        # than they save. warm_up creates it where it may get such batches, and the repository
+        # sets `single_images` to the loop's share.
         self.single: ort.InferenceSession | None = None
-        if self.provider == CPU and options.threads() > 1 and options.small_batch_session:
-            self.single = _session(path, options, 1, [CPU])
+        twin = self.provider == CPU and options.threads() > 1 and options.small_batch_session
+        self._twin = (path, options) if twin else None
         self.single_images = 0
         self.single_seconds: dict[int, float] = {}  # the same timings for `single`
         self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
@@ -105,20 +106,29 @@ class ModelRuntime:
             raise InferenceFailed(f"inference failed: {error}") from error
         return dict(zip(outputs, values, strict=True))
 
-    def warm_up(self, max_batch_size: int) -> None:
+    def warm_up(self, max_batch_size: int, loop_budget_s: float = 0.0) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
-        then time batches of TIMED_SIZES (the median of a few runs each) on each session."""
+        then time batches of TIMED_SIZES (the median of a few runs each).
+
+        `loop_budget_s`: the longest batch the event loop runs. Where one image on the pool
+        takes at most the thread count times that, the one-thread session is created and
+        timed too: timed on every member in models/ on 2026-11-26, it ran batch 1 at most
+        1.9 x faster than two threads, so slower models never run on the loop and skip it.
+        """
         for size in sorted({1, max(1, max_batch_size)}):
             self.session.run(self.output_names, {self.input_name: self._zeros(size)})
         self.batch_seconds = {
             size: self._median_seconds(self.session, size) for size in TIMED_SIZES
         }
-        if self.single is not None:
-            # only small batches ever run on it, and its memory arena grows only to what it
-            # sees: warming it at the largest batch would double the memory for nothing
-            self.single_seconds = {
-                size: self._median_seconds(self.single, size) for size in TIMED_SIZES
-            }
+        if self._twin is None or self.batch_seconds[1] > self._twin[1].threads() * loop_budget_s:
+            return
+        path, options = self._twin
+        self.single = _session(path, options, 1, [CPU])
+        # only small batches ever run on it, and its memory arena grows only to what it
+        # sees: warming it at the largest batch would double the memory for nothing
+        self.single_seconds = {
+            size: self._median_seconds(self.single, size) for size in TIMED_SIZES
+        }
 
     def use_single_for(self, images: int) -> None:
         """Run batches of up to `images` on the one-thread session; with 0, drop the session."""
