@@ -82,6 +82,10 @@ class _Pending:
     deadline: float | None  # loop.time() by which the caller needs the answer
     enqueued: float = field(default_factory=time.perf_counter)
 
+    def expired(self, now: float) -> bool:
+        """Whether the caller's deadline has passed at loop time `now`."""
+        return self.deadline is not None and now >= self.deadline
+
 
 class Batcher:
     """Queue and collector for one model version."""
@@ -164,7 +168,7 @@ class Batcher:
         if n <= self.policy.inline_images and not self._queues and not self._running:
             # Nothing waits and nothing runs: the collector would send this batch at once and
             # run it on the loop, so run it here and skip the three task switches of the trip.
-            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            if pending.expired(asyncio.get_running_loop().time()):
                 future.set_exception(DeadlineExceeded("deadline passed before inference began"))
             else:
                 self._run_inline([pending])
@@ -202,7 +206,7 @@ class Batcher:
             for item in queue:
                 if item.future.done():  # the caller cancelled
                     self._queued_images -= len(item.images)
-                elif item.deadline is not None and now >= item.deadline:
+                elif item.expired(now):
                     self._queued_images -= len(item.images)
                     item.future.set_exception(
                         DeadlineExceeded("deadline passed while the request waited in the queue")
@@ -292,15 +296,16 @@ class Batcher:
         self, batch: list[_Pending], results: dict[str, np.ndarray], started: float
     ) -> None:
         """Split a batch's outputs back to its requests and record it in the metrics."""
+        sizes = [len(p.images) for p in batch]
         try:
-            parts = _split(results, [len(p.images) for p in batch])
+            parts = _split(results, sizes)
         except ServiceError as error:
             self._fail(batch, error)
             return
         metrics.observe_batch(
             self.model,
             self.version,
-            sum(len(p.images) for p in batch),
+            sum(sizes),
             [started - p.enqueued for p in batch],
             time.perf_counter() - started,
         )
