@@ -103,7 +103,10 @@ def _train_cell(config: dict[str, Any]) -> str:
         return "fixed weights"
     device = training.get("device", "cpu")
     where = "" if device == "cpu" else f" on {device}"
-    return f"{_minutes(training['seconds'])}, {training['epochs']:g} epochs{where}"
+    recorded, estimate = training["seconds"], _median_epoch_estimate(training)
+    # A run slowed by other work or paused reads as slower than its recipe: say both.
+    typical = f" ({_minutes(estimate)} at its median epoch)" if recorded > 1.1 * estimate else ""
+    return f"{_minutes(recorded)}{typical}, {training['epochs']:g} epochs{where}"
 
 
 FAMILY_BUDGET_S = 2 * 3600  # issue 6: `make models` trains the whole family in two hours

@@ -112,3 +112,14 @@ def test_family_time_sums_the_runs_and_discounts_disturbed_epochs() -> None:
     assert "within the 2-hour budget" in line and blank == ""
     slow = [row("c", [3000.0, 6000.0, 9000.0])]
     assert "**over** the 2-hour budget" in report.family_time(slow)[0]
+
+
+def test_train_cell_names_the_median_epoch_estimate_of_a_disturbed_run() -> None:
+    def cell(ends: list[float]) -> str:
+        history = [{"seconds": end} for end in ends]
+        training = {"seconds": ends[-1], "epochs": len(ends), "history": history}
+        return report._train_cell({"training": training})
+
+    assert cell([60.0, 120.0, 180.0]) == "3.0 min, 3 epochs"
+    # The second epoch took 600 s instead of 60: 12.0 min recorded, 3 x 60 s typical.
+    assert cell([60.0, 660.0, 720.0]) == "12.0 min (3.0 min at its median epoch), 3 epochs"
