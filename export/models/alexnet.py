@@ -32,7 +32,7 @@ FINAL_SIZE = 3
 
 @register_model(
     Recipe(
-        epochs=10,
+        epochs=7,
         lr=2e-3,
         weight_decay=5e-2,
         label_smoothing=0.1,
@@ -45,6 +45,10 @@ def alexnet(width: float = 0.75, batch_norm: bool = True) -> FamilyModel:
     """AlexNet's five conv / three fc layout for 28x28, channels and fc units times `width`.
 
     Stages conv1 (28x28), pool1 (14x14), conv2, pool2 (7x7), conv3, conv4, conv5, pool5 (3x3).
+
+    Version 1 of the recipe trained 10 epochs: 92.60% in about 19 minutes (113 s an epoch).
+    Version 2, this one, trains 7 epochs, for the family's two-hour budget: 92.15% in about
+    13 minutes, against the 92.0% goal.
     """
     stages: list[tuple[str, nn.Module]] = []
     channels = 1
