@@ -29,6 +29,9 @@ def cnn(width: int = 32, hidden: int = 128) -> FamilyModel:
 
     Stages conv1 (28x28), pool1 (14x14), conv2 (14x14), pool2 (7x7); the classifier is a fc
     layer of `hidden` ReLU units with dropout, then 10 logits.
+
+    The recipe's 12 epochs reach 91.87% in about 9 minutes. Tried and rejected for the
+    family's two-hour budget: 9 epochs, 91.38% in 7 minutes, under the 91.5% goal.
     """
     return FamilyModel(
         stages=[
