@@ -57,6 +57,12 @@ def resnet(width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> FamilyMod
     Stages stem (28x28), then layer1 (28x28), layer2 (14x14), layer3 (7x7), layer4 (4x4) for
     the default four layers; every layer after the first halves the size and doubles the
     channels. (1, 1, 1, 1) is ResNet-10, (3, 4, 6, 3) ResNet-34.
+
+    The recipe reaches 93.62% in 12 epochs of about 130 s. Tried for the family's two-hour
+    budget and not adopted: blocks (2, 2, 2, 1), one block less in the 4x4 layer4, trained
+    12 epochs of about 108 s (22 minutes instead of 26) to 93.52%, 0.02 points over the goal:
+    four minutes are not worth leaving ResNet-18's layout, which the benchmarks measure, at
+    that margin.
     """
     if not blocks or min(blocks) < 1:
         raise ValueError(f"blocks must be a non-empty sequence of counts >= 1; got {blocks!r}")
