@@ -51,12 +51,15 @@ class BasicBlock(nn.Module):
     ),
     goal=0.935,
 )
-def resnet(width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> FamilyModel:
+def resnet(
+    width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 1
+) -> FamilyModel:
     """ResNet of basic blocks: `blocks` per layer (ResNet-18's by default), widths `width` x 2^i.
 
     Stages stem (28x28), then layer1 (28x28), layer2 (14x14), layer3 (7x7), layer4 (4x4) for
     the default four layers; every layer after the first halves the size and doubles the
-    channels. (1, 1, 1, 1) is ResNet-10, (3, 4, 6, 3) ResNet-34.
+    channels. (1, 1, 1, 1) is ResNet-10, (3, 4, 6, 3) ResNet-34. `stem_stride=2` halves the
+    size in the stem, so the layers work at 14, 7, 4 and 2 pixels for a quarter of the cost.
 
     The recipe reaches 93.62% in 12 epochs of about 133 s. Tried for the family's two-hour
     budget and not adopted: blocks (2, 2, 2, 1), one block less in the 4x4 layer4, trained
@@ -66,7 +69,9 @@ def resnet(width: int = 16, blocks: tuple[int, ...] = (2, 2, 2, 2)) -> FamilyMod
     """
     if not blocks or min(blocks) < 1:
         raise ValueError(f"blocks must be a non-empty sequence of counts >= 1; got {blocks!r}")
-    stages: list[tuple[str, nn.Module]] = [("stem", conv_relu(1, width, 3, bn=True))]
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride must be 1 or 2; got {stem_stride!r}")
+    stages: list[tuple[str, nn.Module]] = [("stem", conv_relu(1, width, 3, stem_stride, bn=True))]
     channels = width
     for index, count in enumerate(blocks):
         cout = width * 2**index

@@ -222,3 +222,10 @@ def test_default_size_fits_a_small_cpu(name: str) -> None:
     else:
         assert 1e3 <= params <= 5e6
     assert mflops_per_image(model) <= MAX_MFLOPS
+
+
+def test_resnet_stem_stride_halves_every_layer_and_refuses_other_strides() -> None:
+    shapes = create_model("resnet", stem_stride=2).feature_shapes()
+    assert shapes["layer1"] == (16, 14, 14) and shapes["layer4"] == (128, 2, 2)
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2; got 3"):
+        create_model("resnet", stem_stride=3)
