@@ -163,12 +163,13 @@ class Batcher:
         level = _level(priority)
         n = len(images)
         self._check_room(n, already_reserved=min(reserved, n))
-        future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         pending = _Pending(images, tuple(outputs), future, deadline)
         if n <= self.policy.inline_images and not self._queues and not self._running:
             # Nothing waits and nothing runs: the collector would send this batch at once and
             # run it on the loop, so run it here and skip the three task switches of the trip.
-            if pending.expired(asyncio.get_running_loop().time()):
+            if pending.expired(loop.time()):
                 future.set_exception(DeadlineExceeded("deadline passed before inference began"))
             else:
                 self._run_inline([pending])

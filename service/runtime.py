@@ -112,17 +112,20 @@ class ModelRuntime:
 
         `loop_budget_s`: the longest batch the event loop runs. Where one image on the pool
         takes at most the thread count times that, the one-thread session is created and
-        timed too: timed on every member in models/ on 2026-11-26, it ran batch 1 at most
-        1.9 x faster than two threads, so slower models never run on the loop and skip it.
+        timed too. Beyond it, one image could fit the budget only if one thread ran it more
+        than `threads` times faster than `threads` of them, so such a model never runs on
+        the loop and its twin would only cost memory and start-up time.
         """
         for size in sorted({1, max(1, max_batch_size)}):
             self.session.run(self.output_names, {self.input_name: self._zeros(size)})
         self.batch_seconds = {
             size: self._median_seconds(self.session, size) for size in TIMED_SIZES
         }
-        if self._twin is None or self.batch_seconds[1] > self._twin[1].threads() * loop_budget_s:
+        if self._twin is None:
             return
         path, options = self._twin
+        if self.batch_seconds[1] > options.threads() * loop_budget_s:
+            return
         self.single = _session(path, options, 1, [CPU])
         # only small batches ever run on it, and its memory arena grows only to what it
         # sees: warming it at the largest batch would double the memory for nothing
