@@ -9,7 +9,7 @@ FMNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed
 
 .PHONY: setup serve test test-fast models report quick-models lint format protos clean \
-	bench bench-quick bench-triton-env
+	bench bench-quick bench-gpu bench-triton-env
 
 setup: $(STAMP)
 
@@ -98,7 +98,22 @@ bench-quick: setup
 	@$(MAKE) --no-print-directory bench-triton-env || \
 		echo "bench-quick: no Triton environment; the suite will skip Triton and say why"
 	$(BIN)/python -m bench.serving --quick --out bench/results/quick/serving.json \
-		--docs bench/results/quick/BENCHMARKS.md
+		--docs bench/results/quick/BENCHMARKS.md --gpu-data bench/results/quick/serving-cuda.json
+
+# The same suite on a GPU, with ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu:
+# the `gpu` extra); it stops with exit status 2 before measuring anything if sessions would not
+# run on CUDA. Triton (CPU-only here) is skipped, and the models come from bench/models as the
+# CPU run left them. It writes only bench/results/serving-cuda.json; `make bench-report` (or the
+# next `make bench`) renders docs/BENCHMARKS.md from both runs' JSON, the GPU figures in a
+# section of their own after the CPU ones. About 4 minutes on 16 cores (see bench/serving).
+GPU_BENCH_ARGS ?= --systems raw,native,oip,naive,floor --repeats 1 --seconds 1 --no-family
+bench-gpu: setup
+	$(BIN)/python -m bench.serving --device cuda $(GPU_BENCH_ARGS)
+
+# docs/BENCHMARKS.md again from bench/results/serving.json and, if present, serving-cuda.json.
+.PHONY: bench-report
+bench-report: setup
+	$(BIN)/python -m bench.serving.report
 
 test: setup
 	$(BIN)/python -m pytest -ra

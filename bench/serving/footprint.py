@@ -2,7 +2,8 @@
 
 `cnnserve serve` is launched as a user would launch it and timed to grpc health SERVING (the
 moment a load balancer would send traffic); its resident memory is read then, after every
-model has loaded and run its warm-up batch.
+model has loaded and run its warm-up batch. `extra` flags (the suite's `--device`) go to
+every start.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ MiB = 2**20
 
 
 def started(
-    repository: Path, models: tuple[str, ...], log: Path, timeout: float = 120
+    repository: Path,
+    models: tuple[str, ...],
+    log: Path,
+    timeout: float = 120,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Launch, wait for SERVING, read memory, stop: one start-up's figures."""
-    server = Server(repository, models, log)
+    server = Server(repository, models, log, extra=extra)
     try:
         seconds = server.start(timeout)
         usage = tree_usage(server.pid)
@@ -36,12 +41,16 @@ def started(
 
 
 def run(
-    repository: Path, quick_set: tuple[str, ...], family: list[str] | None, repeats: int, logs: Path
+    repository: Path,
+    quick_set: tuple[str, ...],
+    family: list[str] | None,
+    repeats: int,
+    logs: Path,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`repeats` start-ups with the quick set; one with the family when it was exported."""
-    runs = [
-        started(repository, quick_set, logs / "footprint-quick-set.log") for _ in range(repeats)
-    ]
+    log = logs / "footprint-quick-set.log"
+    runs = [started(repository, quick_set, log, extra=extra) for _ in range(repeats)]
     out: dict[str, Any] = {
         "quick_set": {
             "models": list(quick_set),
@@ -54,6 +63,7 @@ def run(
     if family is None:
         out["family"] = {"skipped": "--no-family, the default with --quick"}
     else:
-        one = started(repository, tuple(family), logs / "footprint-family.log", timeout=900)
+        log = logs / "footprint-family.log"
+        one = started(repository, tuple(family), log, timeout=900, extra=extra)
         out["family"] = {"models": family, **one}
     return out

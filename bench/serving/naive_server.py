@@ -6,7 +6,8 @@ load drives it), the input scaled from UINT8 as cnnserve does, the requested out
 handler runs the session on the event loop. Sessions get cnnserve's own options
 (`service.runtime`), so what differs from cnnserve is the serving, not ONNX Runtime.
 
-`python -m bench.serving.naive_server --port P [--allow-spinning] NAME=MODEL.onnx ...`;
+`python -m bench.serving.naive_server --port P [--allow-spinning] [--device cuda]
+NAME=MODEL.onnx ...`;
 `NaiveServer` launches it from the suite.
 """
 
@@ -69,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serving.naive_server")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--allow-spinning", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("models", nargs="+", help="NAME=PATH of an ONNX file")
     args = parser.parse_args(argv)
-    options = RuntimeOptions(device="cpu", allow_spinning=args.allow_spinning)
+    options = RuntimeOptions(device=args.device, allow_spinning=args.allow_spinning)
     runtimes = {}
     for spec in args.models:
         name, _, path = spec.partition("=")
-        runtimes[name] = ModelRuntime(Path(path), options)
+        runtimes[name] = ModelRuntime(Path(path), options)  # refuses a device it cannot start
+        print(f"{name}: {runtimes[name].provider}", flush=True)  # into the suite's log
     asyncio.run(serve(args.port, runtimes))
     return 0
 
@@ -86,12 +89,15 @@ class NaiveServer(ServerProcess):
 
     paths: dict[str, Path] = field(default_factory=dict)
     allow_spinning: bool = False
+    device: str = "cpu"
 
     def command(self) -> list[str]:
         spin = ["--allow-spinning"] if self.allow_spinning else []
+        device = ["--device", self.device] if self.device != "cpu" else []
         models = [f"{name}={path}" for name, path in self.paths.items()]
         return [sys.executable, "-m", "bench.serving.naive_server", "--port", str(self.port)] + [
             *spin,
+            *device,
             *models,
         ]
 

@@ -8,6 +8,8 @@ float32 batches made once; `session.run` asks for `probabilities` only, as a req
 feature maps does. Two more figures price the feature outputs: resnet's run with every output
 (what Triton's ONNX Runtime backend copies on every request), and with `probabilities` and
 the stage-1 map, plus one copy of the map's bytes: the least asking for a feature map can cost.
+With a GPU `device` the sessions run on ONNX Runtime's CUDA provider, inputs copied from host
+memory and outputs back on every run, as in a server; the provider is read back per session.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class RawPlan:
     seconds: float  # per batch size
     allow_spinning: bool
     features: tuple[str, ...]  # the model's feature outputs (empty: none)
+    device: str = "cpu"  # cpu | cuda | cuda:N (bench.serving.device)
 
 
 def _timed(run: Any, seconds: float) -> tuple[np.ndarray, float, float]:
@@ -68,8 +71,8 @@ def _row(batch: int, latencies: np.ndarray, wall: float, cpu: float) -> dict[str
 def _measure(plan: RawPlan) -> dict[str, Any]:
     from service.runtime import ModelRuntime, RuntimeOptions
 
-    options = RuntimeOptions(device="cpu", allow_spinning=plan.allow_spinning)
-    runtime = ModelRuntime(Path(plan.path), options)
+    options = RuntimeOptions(device=plan.device, allow_spinning=plan.allow_spinning)
+    runtime = ModelRuntime(Path(plan.path), options)  # refuses a device it cannot start
     session, name = runtime.session, runtime.input_name
     rng = np.random.default_rng(0)
 
@@ -81,6 +84,7 @@ def _measure(plan: RawPlan) -> dict[str, Any]:
     out: dict[str, Any] = {
         "batches": rows,
         "rss_mib": round(tree_usage(os.getpid()).rss_bytes / 2**20, 1),
+        "provider": runtime.provider,
     }
     if FEATURE in plan.features:
         every = runtime.output_names
@@ -96,7 +100,11 @@ def _measure(plan: RawPlan) -> dict[str, Any]:
 
 
 def _main(plan: RawPlan, queue: Any) -> None:
-    queue.put(_measure(plan))
+    try:
+        queue.put(_measure(plan))
+    except BaseException as error:  # say why, rather than leave the parent waiting
+        queue.put({"error": f"{type(error).__name__}: {error}"})
+        raise
 
 
 def measure(plan: RawPlan) -> dict[str, Any]:
@@ -107,6 +115,8 @@ def measure(plan: RawPlan) -> dict[str, Any]:
     process.start()
     result = queue.get(timeout=len(plan.batches) * plan.seconds * 4 + 300)
     process.join(60)
+    if "error" in result:
+        raise RuntimeError(f"raw ONNX Runtime, {plan.model} on {plan.device}: {result['error']}")
     return result
 
 
@@ -133,6 +143,7 @@ def run(
     batches: tuple[int, ...],
     seconds: float,
     repeats: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Every model at every spinning setting, `repeats` times; the limit is the best of all."""
     found: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -140,9 +151,13 @@ def run(
         for model, info in models.items():
             for spin in spinning:
                 features = tuple(name for name, _ in info["features"])
-                plan = RawPlan(info["path"], model, batches, seconds, spin, features)
+                plan = RawPlan(info["path"], model, batches, seconds, spin, features, device)
                 found.setdefault(model, {}).setdefault(SETTING[spin], []).append(measure(plan))
     out: dict[str, Any] = {"models": {}, "limit": {}, "batch1": {}, "feature_cost": None}
+    out["device"] = device  # and the provider each session really ran on:
+    out["providers"] = sorted(
+        {r["provider"] for s in found.values() for rs in s.values() for r in rs}
+    )
     for model, settings in found.items():
         out["models"][model] = {}
         for setting, runs in settings.items():

@@ -2,9 +2,18 @@
 
 Usage: `.venv/bin/python -m bench.serving [--quick] [--repeats N] [--seconds S]
 [--systems raw,native,oip,triton,naive,floor] [--allow-spinning off|on|both]
-[--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]
-[--changes bench/results/changes]`. Exit status: 0 when every goal measured was met, 1 when
-one was missed, 2 when nothing could be measured.
+[--device cpu|cuda|cuda:N] [--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]
+[--changes bench/results/changes] [--gpu-data bench/results/serving-cuda.json]`. Exit status:
+0 when every goal measured was met, 1 when one was missed, 2 when nothing could be measured
+or the device asked for cannot be used.
+
+`--device cuda` (or `cuda:N`, `make bench-gpu`) runs raw ONNX Runtime, cnnserve and the naive
+server on ONNX Runtime's CUDA execution provider, checked before anything is measured
+(`device`); Triton, CPU-only here, is skipped. A GPU run writes only its JSON, by default
+bench/results/serving-cuda.json, and judges no goal (they are CPU goals): docs/BENCHMARKS.md
+gets its figures, in a section of their own after the CPU ones, from
+`python -m bench.serving.report` or the next CPU run, which both read the CPU JSON and the GPU
+JSON beside it (`--gpu-data`) when it exists.
 
 Repeats go round every server in turn (start, measure each point once, stop), so a slow spell
 on the machine touches every system alike, and every repeat times each server's start-up too.
@@ -24,7 +33,7 @@ from typing import Any
 from bench.reliability.runner import machine, run_header, versions
 from bench.reliability.server import Server
 from bench.reliability.workload import test_images
-from bench.serving import changes, footprint, goals, raw, report, triton, workload
+from bench.serving import changes, device, footprint, goals, raw, report, triton, workload
 from bench.serving import measure as measuring
 from bench.serving.floor_server import FloorServer
 from bench.serving.load import Load
@@ -36,6 +45,8 @@ SYSTEMS = ("raw", "native", "oip", "triton", "naive", "floor")
 CLASSIFY = "/cnnserve.v1.Inference/Classify"
 CALL_TIMEOUT_S = 30.0
 SPINNING = {"off": (False,), "on": (True,), "both": (False, True)}
+CPU_JSON, GPU_JSON = report.CPU_DATA, report.GPU_DATA
+DOCS = Path("docs/BENCHMARKS.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="export the whole family and report memory with it loaded (default: on; quick off)",
     )
+    parser.add_argument(
+        "--device",
+        type=device.parse,
+        default="cpu",
+        help="cpu | cuda | cuda:N: where raw ONNX Runtime, cnnserve and the naive server run "
+        "inference (cuda: ONNX Runtime's CUDA execution provider; Triton is then skipped)",
+    )
     parser.add_argument("--model-repository", type=Path, default=Path("bench/models"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
-    parser.add_argument("--docs", type=Path, default=Path("docs/BENCHMARKS.md"))
+    parser.add_argument(
+        "--out", type=Path, help=f"the JSON written (default {CPU_JSON}; on a GPU {GPU_JSON})"
+    )
+    parser.add_argument(
+        "--docs", type=Path, help=f"the report written (default {DOCS}; a GPU run writes none)"
+    )
+    parser.add_argument(
+        "--gpu-data",
+        type=Path,
+        default=GPU_JSON,
+        help="a GPU run's JSON, rendered in --docs after this CPU run's figures if it exists",
+    )
     parser.add_argument(
         "--changes",
         type=Path,
@@ -74,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--logs", type=Path, help="server logs (default: beside --out, *-logs)")
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with --out and --docs settled by the device (argparse exits 2 on errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    gpu = device.is_gpu(args.device)
+    if gpu and args.docs:
+        parser.error(
+            "--docs: a GPU run writes only its JSON; python -m bench.serving.report "
+            "renders docs/BENCHMARKS.md from both runs' JSON"
+        )
+    args.out = args.out or (GPU_JSON if gpu else CPU_JSON)
+    args.docs = None if gpu else args.docs or DOCS
+    return args
 
 
 class Requests:
@@ -112,14 +155,16 @@ def server_for(
     repository: Path,
     logs: Path,
     works: list[Workload],
+    on: str = "cpu",
 ) -> Server | ServerProcess:
+    """The server of one kind; `on` is the device its inference runs on (not the floor's)."""
     log = logs / f"{kind}{'-spin' if spin else ''}.log"
     if kind == "cnnserve":
         flag = "--allow-spinning" if spin else "--no-allow-spinning"
-        return Server(repository, tuple(models), log, extra=(flag,))
+        return Server(repository, tuple(models), log, extra=(flag, "--device", on))
     if kind == "naive":
         paths = {m: Path(info["path"]) for m, info in models.items()}
-        return NaiveServer(log=log, models=list(models), paths=paths)
+        return NaiveServer(log=log, models=list(models), paths=paths, device=on)
     if kind == "floor":  # replies prebuilt for every image count it will be asked for
         images = sorted({w.images for w in works if "floor" in w.systems})
         return FloorServer(log=log, models=[], images=images)
@@ -172,6 +217,7 @@ def measure_servers(
     settings: dict[str, Any],
     models: dict[str, dict[str, Any]],
     works: list[Workload],
+    requests: Requests,
     logs: Path,
     skipped: dict[str, str],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -181,7 +227,7 @@ def measure_servers(
     if {"native", "oip"} & set(systems):
         kinds += [("cnnserve", spin) for spin in settings["allow_spinning"]]
     if "triton" in systems:
-        reason = triton.unavailable()
+        reason = device.TRITON_CPU_ONLY if device.is_gpu(args.device) else triton.unavailable()
         if reason:
             skipped["triton"] = reason
         else:
@@ -190,7 +236,6 @@ def measure_servers(
         kinds.append(("naive", False))
     if "floor" in systems:
         kinds.append(("floor", False))
-    requests = Requests(works)
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     servers: dict[str, dict[str, Any]] = {}
     workdir = logs / "load"
@@ -199,7 +244,8 @@ def measure_servers(
         for kind, spin in kinds[turn:] + kinds[:turn]:
             label = kind + ("+spin" if spin else "")
             print(f"[{repeat + 1}/{settings['repeats']}] {label}: starting", flush=True)
-            server = server_for(kind, spin, models, args.model_repository, logs, works)
+            repository = args.model_repository
+            server = server_for(kind, spin, models, repository, logs, works, args.device)
             try:
                 startup = server.start()
             except BaseException as error:
@@ -216,6 +262,9 @@ def measure_servers(
             info["startup_s"].append(round(startup, 3))
             info["rss_ready_mib"].append(round(tree_usage(server.pid).rss_bytes / 2**20, 1))
             try:
+                if kind == "cnnserve":  # the provider each model really runs on, as it says
+                    info["providers"] = device.served(server.address)
+                    device.check_served(args.device, info["providers"])
                 for system in apis(kind, spin, systems):
                     run_points(server, system, works, requests, settings, runs, workdir)
             finally:
@@ -238,13 +287,22 @@ def measure_servers(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quick = args.quick
+    args = parse_args(argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS)
     if unknown or not systems:
         print(f"--systems: unknown {', '.join(sorted(unknown)) or 'none given'}", file=sys.stderr)
         return 2
+    try:
+        device.check_available(args.device)  # before anything is exported or started
+        return run(args, systems)
+    except device.DeviceError as error:
+        print(f"bench.serving: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, systems: list[str]) -> int:
+    quick = args.quick
     concurrencies = (
         tuple(int(c) for c in args.concurrency.split(","))
         if args.concurrency
@@ -262,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "baselines_allow_spinning": False,
         "call_timeout_s": CALL_TIMEOUT_S,
         "cores": os.cpu_count(),
+        "device": args.device,
     }
     family = not quick if args.family is None else args.family
     repository = args.model_repository
@@ -272,7 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     if family:
         exported += workload.export(repository, (), everything=True)
     models = {m: workload.describe(repository, m) for m in MODELS}
+    # One batch of each model on the device, read back, before anything is measured.
+    probed = {m: device.probe(args.device, Path(info["path"])) for m, info in models.items()}
+    data["device"] = device.record(args.device, probed)
+    shown = data["device"]["gpu"] or {}
+    print(f"device {args.device}: {data['device']['provider']} {shown.get('name', '')}", flush=True)
     works = workload.workloads(concurrencies, quick)
+    servers_wanted = set(systems) - {"raw"}
+    requests = Requests(works) if servers_wanted else None  # the test images, found up front
     skipped: dict[str, str] = {}
     if "raw" in systems:
         print("raw ONNX Runtime: every batch size, spinning off and on ...", flush=True)
@@ -282,11 +348,24 @@ def main(argv: list[str] | None = None) -> int:
             tuple(settings["raw_batches"]),
             settings["raw_seconds"],
             settings["repeats"],
+            args.device,
         )
-    measured, servers = measure_servers(args, settings, models, works, logs, skipped)
+    measured, servers = (
+        measure_servers(args, settings, models, works, requests, logs, skipped)
+        if requests is not None
+        else ([], {})
+    )
     print("start-up and memory ...", flush=True)
     everything = workload.family(repository) if family else None
-    data["footprint"] = footprint.run(repository, QUICK_SET, everything, settings["repeats"], logs)
+    on = ("--device", args.device)
+    try:  # the last figures of a long run: their failure must not lose the others
+        data["footprint"] = footprint.run(
+            repository, QUICK_SET, everything, settings["repeats"], logs, on
+        )
+    except Exception as error:  # noqa: BLE001
+        print(f"  start-up and memory not measured: {error}", flush=True)
+        data["footprint"] = {"error": str(error).splitlines()[0]}
+    triton_ran = "triton" in systems and "triton" not in skipped
     data |= {
         "seconds": round(time.time() - started, 1),
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
@@ -294,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions() | {"tritonclient": _version("tritonclient")},
         "triton": {
             "note": triton.BACKEND_NOTE,
-            "versions": triton.versions() if "triton" not in skipped else {},
+            "versions": triton.versions() if triton_ran else {},
         },
         "exported": exported,
         "models": models,
@@ -306,16 +385,25 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         "skipped": skipped,
     }
-    data["goals"] = goals.compute(data)
+    # The goals are CPU goals (issue 8): a GPU run's figures are shown without verdicts.
+    data["goals"] = [] if device.is_gpu(args.device) else goals.compute(data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
-    report.write(data | {"changes": changes.load(args.changes)}, args.docs)  # not in --out
+    if args.docs:  # a CPU run; a GPU run's JSON reaches the docs through bench.serving.report
+        gpu = report.load(args.gpu_data)
+        report.write(data | {"changes": changes.load(args.changes)}, args.docs, gpu)
     for g in data["goals"]:
         verdict = {True: "met   ", False: "MISSED", None: "n/a   "}[g["met"]]
         print(f"  {verdict} {g['goal']}: {g['measured']} (goal: {g['target']})")
     for system, reason in skipped.items():
         print(f"  skipped {system}: {reason}")
-    print(f"wrote {args.out} and {args.docs}; server logs in {logs}")
+    if args.docs:
+        print(f"wrote {args.out} and {args.docs}; server logs in {logs}")
+    else:
+        print(
+            f"wrote {args.out}; server logs in {logs}. The report, with the CPU figures: "
+            f"python -m bench.serving.report --gpu-data {args.out}"
+        )
     if not measured and "raw" not in data:
         return 2
     return 1 if any(g["met"] is False for g in data["goals"]) else 0

@@ -46,6 +46,8 @@ def unavailable() -> str | None:
 
 def versions() -> dict[str, str]:
     """Package versions inside the Triton environment, and the bundled tritonserver's."""
+    if not PYTHON.exists():
+        return {}
     code = (
         "import json; from importlib import metadata as m\n"
         f"names = {list(PACKAGES)!r}\n"
