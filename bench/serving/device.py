@@ -6,16 +6,21 @@ on ONNX Runtime's CUDA execution provider. ONNX Runtime falls back to the CPU qu
 the CUDA provider cannot start, and loads cuDNN only at the first convolution, so a GPU run
 first asks onnxruntime whether it has the provider at all (before any export or server), then
 runs one batch of each model on a session made as cnnserve makes it and reads the provider
-back, and checks what each cnnserve server reports once it is up. A GPU run that would
-measure the CPU stops with exit status 2 (`DeviceError`) instead. Triton runs on the CPU only
-here (triton_app.py asks for CPUExecutionProvider), so a GPU run skips it and says why.
+back, in a fresh process as the servers' sessions are (`python -m bench.serving.device`: the
+runner's own imports, torch for the machine's description, could otherwise lend it CUDA
+libraries the servers lack), and checks what each cnnserve server reports once it is up. A
+GPU run that would measure the CPU stops with exit status 2 (`DeviceError`) instead. Triton
+runs on the CPU only here (triton_app.py asks for CPUExecutionProvider), so a GPU run skips
+it and says why.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -83,6 +88,20 @@ def probe(device: str, path: Path) -> str:
     return runtime.provider
 
 
+def probe_all(device: str, paths: dict[str, Path], timeout: float = 300) -> dict[str, str]:
+    """`probe` for every model, in a fresh process: the provider each ran on."""
+    command = [sys.executable, "-m", "bench.serving.device", device]
+    command += [f"{name}={path}" for name, path in paths.items()]
+    try:
+        reply = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise DeviceError(f"--device {device}: the probe did not end in {timeout:g} s") from error
+    if reply.returncode:
+        tail = (reply.stderr.strip().splitlines() or ["no message"])[-1]
+        raise DeviceError(tail.removeprefix("bench.serving.device: "))
+    return json.loads(reply.stdout.strip().splitlines()[-1])
+
+
 def gpu(device: str) -> dict[str, str] | None:
     """The name and driver of the GPU a run uses, from nvidia-smi (cuda:N: its N-th line);
     None without nvidia-smi or an answer."""
@@ -145,3 +164,27 @@ def check_served(device: str, providers: dict[str, str]) -> None:
     if wrong or not providers:
         shown = ", ".join(f"{m}: {p}" for m, p in wrong.items()) or "no models"
         raise DeviceError(f"--device {device}: cnnserve serve reports {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.serving.device DEVICE NAME=MODEL.onnx ...`: each model's provider, as
+    JSON on the last line; exit status 2 and the reason when one is not on the device."""
+    parser = argparse.ArgumentParser(prog="python -m bench.serving.device")
+    parser.add_argument("device", type=parse)
+    parser.add_argument("models", nargs="+", help="NAME=PATH of an ONNX file")
+    args = parser.parse_args(argv)
+    try:
+        check_available(args.device)
+        found = {}
+        for spec in args.models:
+            name, _, path = spec.partition("=")
+            found[name] = probe(args.device, Path(path))
+    except DeviceError as error:
+        print(f"bench.serving.device: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

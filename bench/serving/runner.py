@@ -327,12 +327,15 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
     logs = args.logs or args.out.with_name(args.out.stem + "-logs")
     started = time.time()
     data = run_header("bench.serving", quick, repository) | {"settings": settings}
+    # Read before any CUDA library loads: export.machine imports torch, whose CUDA libraries
+    # need not agree with onnxruntime-gpu's.
+    data["machine"] = machine()
     exported = workload.export(repository, (*MODELS, *QUICK_SET))
     if family:
         exported += workload.export(repository, (), everything=True)
     models = {m: workload.describe(repository, m) for m in MODELS}
     # One batch of each model on the device, read back, before anything is measured.
-    probed = {m: device.probe(args.device, Path(info["path"])) for m, info in models.items()}
+    probed = device.probe_all(args.device, {m: Path(info["path"]) for m, info in models.items()})
     data["device"] = device.record(args.device, probed)
     shown = data["device"]["gpu"] or {}
     print(f"device {args.device}: {data['device']['provider']} {shown.get('name', '')}", flush=True)
@@ -369,7 +372,6 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
     data |= {
         "seconds": round(time.time() - started, 1),
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "machine": machine(),
         "versions": versions() | {"tritonclient": _version("tritonclient")},
         "triton": {
             "note": triton.BACKEND_NOTE,

@@ -147,3 +147,14 @@ def test_a_gpu_run_skips_triton_and_says_why(tmp_path: Path) -> None:
     assert (measured, servers) == ([], {})
     assert skipped == {"triton": device.TRITON_CPU_ONLY}
     assert "CPUExecutionProvider" in skipped["triton"]
+
+
+def test_the_probe_runs_in_a_fresh_process_and_says_why_it_failed(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "model.onnx")
+    assert device.probe_all("cpu", {"tiny": model, "again": model}) == {
+        "tiny": device.CPU,
+        "again": device.CPU,
+    }
+    if NO_CUDA:
+        with pytest.raises(device.DeviceError, match="^--device cuda:2: this onnxruntime"):
+            device.probe_all("cuda:2", {"tiny": model})
