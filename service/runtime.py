@@ -9,6 +9,10 @@ multi-core CPU a one-thread twin session runs the batches small enough for the e
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +24,7 @@ import onnxruntime as ort
 
 from service.errors import InferenceFailed
 
+log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 WARM_UP_TIMINGS = 5
 TIMED_SIZES = (1, 8)
@@ -66,7 +71,27 @@ def providers_for(device: str) -> list[str | tuple[str, dict[str, str]]]:
             f"device {device!r} asked for, but this onnxruntime has no {CUDA} "
             f"(available: {', '.join(available)}); install the `gpu` extra (onnxruntime-gpu)"
         )
+    load_cuda_libraries()
     return [(CUDA, {"device_id": str(index)}), CPU]
+
+
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load CUDA, cuBLAS and cuDNN before the first CUDA session, once per process.
+
+    onnxruntime-gpu's CUDA provider finds them by name only; installed as NVIDIA's wheels
+    (`pip install onnxruntime-gpu[cuda,cudnn]`) they sit in site-packages, off the loader's
+    path. `preload_dlls` looks there, then on the usual path; what it prints about a library
+    it could not load goes to our log, and the session's start then says what failed.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime before 1.21: LD_LIBRARY_PATH must name the libraries
+        return
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        preload()
+    if printed.getvalue().strip():
+        log.warning("loading the CUDA libraries: %s", printed.getvalue().strip())
 
 
 class ModelRuntime:

@@ -63,6 +63,24 @@ def test_cuda_provider_serves_and_is_reported(
         running.stop()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
+def test_cuda_gives_every_model_the_cpu_answers(tiny_repository: Path, fmnist) -> None:
+    # Every output, feature maps included, of every member: a kernel the CUDA provider runs
+    # differently (TF32 convolutions, other reduction orders) may differ by rounding, no more.
+    images = (fmnist.test_images[:64, None] / 255.0).astype(np.float32)
+    for name in sorted(p.name for p in tiny_repository.iterdir() if (p / "1").is_dir()):
+        path = tiny_repository / name / "1" / "model.onnx"
+        cpu = ModelRuntime(path, RuntimeOptions(device="cpu"))
+        gpu = ModelRuntime(path, RuntimeOptions(device="cuda"))
+        assert gpu.provider == CUDA, name
+        want, got = cpu.run(images, cpu.output_names), gpu.run(images, gpu.output_names)
+        for output, expected in want.items():
+            scale = max(1.0, float(np.abs(expected).max()))
+            difference = float(np.abs(got[output] - expected).max())
+            assert difference <= 1e-2 * scale, (name, output, difference, scale)
+
+
 def test_a_corrupt_model_is_reported_failed_and_the_others_serve(
     tiny_repository: Path, tmp_path: Path, fmnist
 ) -> None:

@@ -123,3 +123,26 @@ def test_train_cell_names_the_median_epoch_estimate_of_a_disturbed_run() -> None
     assert cell([60.0, 120.0, 180.0]) == "3.0 min, 3 epochs"
     # The second epoch took 600 s instead of 60: 12.0 min recorded, 3 x 60 s typical.
     assert cell([60.0, 660.0, 720.0]) == "12.0 min (3.0 min at its median epoch), 3 epochs"
+
+
+def _gpu_row(name: str, model: str, device: str) -> report.Row:
+    training = {
+        "device": device,
+        "machine": "NVIDIA H100 80GB HBM3 (CUDA)",
+        "seconds": 300.0,
+        "epochs": 3,
+        "history": [{"seconds": 100.0}, {"seconds": 200.0}, {"seconds": 300.0}],
+    }
+    config = {"name": name, "model": model, "training": training}
+    return report.Row(config=config, path=Path(name), served=True)
+
+
+def test_a_wider_gpu_run_has_its_own_goal_and_stays_out_of_the_family_budget() -> None:
+    wide = _gpu_row("resnet-w64", "resnet", "cuda")
+    assert report.row_goal(wide) == report.GPU_GOALS["resnet"]
+    assert report._train_cell(wide.config) == ("5.0 min, 3 epochs on NVIDIA H100 80GB HBM3 (CUDA)")
+    default = _gpu_row("resnet", "resnet", "cpu")
+    assert report.row_goal(default) == get_entry("resnet").goal
+    # `make models` trains only default-named members on the CPU: the GPU run is not counted
+    (line, _) = report.family_time([default, wide])
+    assert line.startswith("Training time of the 1 trained members: 5.0 min as recorded")
