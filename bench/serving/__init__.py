@@ -7,7 +7,9 @@ Inference Server with dynamic batching started by PyTriton (`triton`, `triton_ap
 naive grpc.aio server calling `session.run` per request (`naive_server`). Closed-loop load comes
 from a separate process (`load`); each point's figures (`measure`) and the start-up and memory
 footprint (`footprint`) land in one JSON file, from which `goals` judges the targets and
-`report` and `plot` write docs/BENCHMARKS.md and its picture, never from hand-typed numbers.
+`report` (with `tables`) and `plot` write docs/BENCHMARKS.md and its picture, never from
+hand-typed numbers. `--device cuda` measures the same on ONNX Runtime's CUDA provider
+(`device`), its figures in a section of their own after the CPU ones.
 `compare` measures one change before and after it; `changes` lists those measurements, kept in
 bench/results/changes/, in the report.
 """

@@ -4,7 +4,9 @@
 `write` adds the file and the latency-throughput picture beside it (`plot`). Formatting and
 the goals table are bench/reliability's, so both reports read alike; a missed goal is shown as
 **missed**, and a system that was skipped says why where its figures would be. The changes
-measured one at a time (`changes`) come in as `data["changes"]`, loaded by the caller.
+measured one at a time (`changes`) come in as `data["changes"]`, loaded by the caller. The
+tables every run gets, CPU or GPU, are `tables`'; this module adds what is the CPU run's own
+(goals, the picture, the changes) and puts the sections in order.
 
 A GPU run's JSON (`python -m bench.serving --device cuda`, bench/results/serving-cuda.json)
 adds a section after the CPU figures, `On a GPU`, when the file exists: the same tables with
@@ -21,26 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from bench.reliability.report import fmt, goals_table, server_command, table
 from bench.serving import changes, plot
-from bench.serving.goals import point
-from bench.serving.systems import NAMES, measured, name
+from bench.serving.systems import name
+from bench.serving.tables import (
+    busy_concurrency,
+    every_point,
+    feature_outputs,
+    headline_tables,
+    inside,
+    raw_onnx_runtime,
+)
 
 PICTURE = "pictures/benchmarks-latency-throughput.png"
 CPU_DATA = Path("bench/results/serving.json")
 GPU_DATA = Path("bench/results/serving-cuda.json")
-
-
-def _ratio(a: float | None, b: float | None) -> str | None:
-    return f"{a / b:.2f} x" if a is not None and b else None
-
-
-def _limit(data: dict[str, Any], model: str) -> dict[str, Any] | None:
-    return (data.get("raw") or {}).get("limit", {}).get(model)
 
 
 def _intro(data: dict[str, Any]) -> list[str]:
@@ -114,84 +114,8 @@ def _summary(data: dict[str, Any]) -> list[str]:
     ]
 
 
-def _rows(data: dict[str, Any], work: str, concurrencies: Iterable[int]) -> list[list[Any]]:
-    model = next((w["model"] for w in data.get("workloads", []) if w["name"] == work), "")
-    top = _limit(data, model)
-    rows = []
-    for system in measured(data):
-        for c in concurrencies:
-            s = point(data, system, work, c)
-            if s is None:
-                continue
-            triton = point(data, "triton", work, c)
-            floor = point(data, "floor", work, c)
-            rows.append(
-                [
-                    name(system),
-                    c,
-                    s["images_per_s"],
-                    None if s["spread_pct"] is None else f"{s['spread_pct']:g}%",
-                    _ratio(s["images_per_s"], top and top["images_per_s"]),
-                    _ratio(s["images_per_s"], triton and triton["images_per_s"]),
-                    s["p50"],
-                    s["p90"],
-                    s["p99"],
-                    s["errors"],
-                    s["server_cpu_s_per_1000"],
-                    _ratio(s["server_cpu_s_per_1000"], floor and floor["server_cpu_s_per_1000"]),
-                    s["client_cpu_s_per_1000"],
-                    s["rss_mib"],
-                ]
-            )
-    return rows
-
-
-HEADERS = ["System", "Concurrency", "Images/s", "Spread", "vs limit", "vs Triton", "p50 ms"]
-HEADERS += ["p90 ms", "p99 ms", "Errors", "Server CPU s / 1k img", "Server CPU vs floor"]
-HEADERS += ["Client CPU s / 1k img", "Server RSS MiB"]
-
-
-def _limit_row(data: dict[str, Any], model: str) -> list[Any] | None:
-    top = _limit(data, model)
-    if not top:
-        return None
-    setting = data["raw"]["models"][model].get(top["spinning"], {})
-    return [
-        f"{NAMES['raw']}, batch {top['batch']}, {top['spinning']}",
-        "–",
-        top["images_per_s"],
-        None if top["spread_pct"] is None else f"{top['spread_pct']:g}%",
-        "1.00 x",
-        None,
-        top["p50"],
-        top["p90"],
-        top["p99"],
-        0,
-        top["cpu_s_per_1000"],
-        None,
-        None,
-        setting.get("rss_mib"),
-    ]
-
-
-def _busy(data: dict[str, Any]) -> int:
-    return 32 if 32 in data["settings"]["concurrencies"] else max(data["settings"]["concurrencies"])
-
-
-def _headline_tables(data: dict[str, Any], busy: int) -> list[str]:
-    lines = []
-    for work, model in (("lenet5 x1", "lenet5"), ("resnet x1", "resnet")):
-        rows = _rows(data, work, [busy])
-        limit_row = _limit_row(data, model)
-        if limit_row:
-            rows.insert(0, limit_row)
-        if rows:
-            lines += [f"**{work}**", "", table(HEADERS, rows), ""]
-    return lines
-
-
 def _headline(data: dict[str, Any]) -> list[str]:
-    busy = _busy(data)
+    busy = busy_concurrency(data)
     lines = [
         f"## Single images at concurrency {busy}",
         "",
@@ -201,7 +125,7 @@ def _headline(data: dict[str, Any]) -> list[str]:
         "floor's at the same point. Latencies are what the client measured, per call.",
         "",
     ]
-    lines += _headline_tables(data, busy)
+    lines += headline_tables(data, busy)
     lines += [
         f"![Latency against throughput]({PICTURE})",
         "",
@@ -210,168 +134,6 @@ def _headline(data: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
-
-
-def _every_point(data: dict[str, Any]) -> list[str]:
-    lines = ["## Every point", ""]
-    for w in data.get("workloads", []):
-        concurrencies = sorted(
-            {p["concurrency"] for p in data["points"] if p["workload"] == w["name"]}
-        )
-        rows = _rows(data, w["name"], concurrencies)
-        if not rows:
-            continue
-        outputs = ", ".join(f"`{o}`" for o in w["outputs"])
-        lines += [
-            f"**{w['name']}**: {w['images']} image{'s' if w['images'] > 1 else ''} per request, "
-            f"asking for {outputs}.",
-            "",
-            table(HEADERS, rows),
-            "",
-        ]
-    return lines
-
-
-def _inside(data: dict[str, Any]) -> list[str]:
-    """cnnserve's own metrics over each point: where a call's time went inside the server."""
-    rows = [
-        [
-            name(p["system"]),
-            p["workload"],
-            p["concurrency"],
-            p["summary"]["p50"],
-            seen.get("handler_ms"),
-            seen.get("queue_wait_ms"),
-            seen.get("inference_ms"),
-            seen.get("batch_images"),
-        ]
-        for p in data.get("points", [])
-        if (seen := p["summary"].get("server_saw"))
-    ]
-    if not rows:
-        return []
-    return [
-        "## Inside cnnserve",
-        "",
-        "From the server's own metrics over each point (means, median over repeats): the "
-        "handler's time per call (decoding, batch queue, inference, reply), of that the wait "
-        "in the batch queue and the batch's inference, and the images per batch. What the "
-        "client waited beyond the handler went to gRPC, the event loop and the client itself.",
-        "",
-        table(
-            ["System", "Workload", "Concurrency", "Client p50 ms", "Handler ms"]
-            + ["Batch-queue wait ms", "Inference ms", "Images per batch"],
-            rows,
-        ),
-        "",
-    ]
-
-
-def _raw(data: dict[str, Any]) -> list[str]:
-    r = data.get("raw")
-    if not r:
-        return []
-    lines = [
-        "## Raw ONNX Runtime",
-        "",
-        "In-process `session.run` asking for `probabilities`, sessions made as cnnserve makes "
-        "them, each setting in a fresh process; CPU is the whole process's (every thread).",
-        "",
-    ]
-    for model, settings in r["models"].items():
-        names = list(settings)
-        headers = ["Batch"] + [
-            f"{label} {s}" for s in names for label in ("img/s", "p50 ms", "img per CPU-s")
-        ]
-        count = len(next(iter(settings.values()))["batches"])
-        rows = []
-        for i in range(count):
-            row: list[Any] = [settings[names[0]]["batches"][i]["batch"]]
-            for s in names:
-                b = settings[s]["batches"][i]
-                row += [b["images_per_s"], b["p50"], b["images_per_cpu_s"]]
-            rows.append(row)
-        top = r["limit"][model]
-        lines += [
-            f"**{model}**: limit {fmt(top['images_per_s'])} images/s at batch {top['batch']}, "
-            f"{top['spinning']}.",
-            "",
-            table(headers, rows),
-            "",
-        ]
-    return lines
-
-
-def _features(data: dict[str, Any]) -> list[str]:
-    r = data.get("raw") or {}
-    cost = r.get("feature_cost")
-    lines = ["## Feature outputs", ""]
-    if cost:
-        setting = r["models"][cost["model"]][cost["spinning"]]
-        every, every_best = setting.get("every_output_b1", {}), setting.get("every_output_best", {})
-        batch = every_best.get("batch")
-        one = next(b for b in setting["batches"] if b["batch"] == 1)
-        plain = next((b for b in setting["batches"] if b["batch"] == batch), {})
-        lines += [
-            f"Raw ONNX Runtime, {cost['model']} ({cost['spinning']}): batch 1 takes "
-            f"{fmt(one['p50'])} ms (p50) asking for `probabilities` only and "
-            f"{fmt(every.get('p50'))} ms asking for every output, as Triton's ONNX Runtime "
-            f"backend does on every request; at batch {batch or '–'}, "
-            f"{fmt(plain.get('images_per_s'))} images/s with `probabilities` alone against "
-            f"{fmt(every_best.get('images_per_s'))} with every output. The stage-1 map is "
-            f"{cost['bytes']:,} bytes an image: returning it costs ONNX Runtime "
-            f"{fmt(cost['ort_extra_ms'])} ms more at batch 1 (p50, never below 0), and one copy "
-            f"of its bytes {fmt(cost['bytes_copy_ms'])} ms, so {fmt(cost['copy_ms'])} ms is "
-            "the least asking for it can cost.",
-            "",
-        ]
-    rows = []
-    for system in measured(data):
-        for c in sorted(
-            {p["concurrency"] for p in data["points"] if p["workload"] == "resnet x1 + layer1"}
-        ):
-            plain = point(data, system, "resnet x1", c)
-            featured = point(data, system, "resnet x1 + layer1", c)
-            if plain and featured:
-                rows.append(
-                    [
-                        name(system),
-                        c,
-                        plain["p50"],
-                        featured["p50"],
-                        round(featured["p50"] - plain["p50"], 3),
-                        plain["images_per_s"],
-                        featured["images_per_s"],
-                    ]
-                )
-    if rows:
-        lines += [
-            "Asking for the stage-1 map (`features.layer1`) beside the classes, per system:",
-            "",
-            table(
-                ["System", "Concurrency", "p50 ms without", "p50 ms with", "Overhead ms"]
-                + ["Images/s without", "Images/s with"],
-                rows,
-            ),
-            "",
-        ]
-    probs = next(
-        (p for p in data.get("points", []) if p["workload"].startswith("resnet x1, Triton")), None
-    )
-    if probs:
-        c = probs["concurrency"]
-        every = point(data, "triton", "resnet x1", c)
-        s = probs["summary"]
-        if every:
-            lines += [
-                f"Triton at concurrency {c}, resnet bound with every output (as its ONNX Runtime "
-                f"backend serves the file): {fmt(every['images_per_s'])} images/s, p99 "
-                f"{fmt(every['p99'])} ms; bound with `probabilities` only: "
-                f"{fmt(s['images_per_s'])} images/s, p99 {fmt(s['p99'])} ms. Requests that ask "
-                "for no feature map pay for every map with the first binding.",
-                "",
-            ]
-    return lines if len(lines) > 2 else []
 
 
 def _footprint(data: dict[str, Any]) -> list[str]:
@@ -505,17 +267,23 @@ def gpu_section(gpu: dict[str, Any]) -> list[str]:
     skipped = gpu.get("skipped", {}).get("triton")
     if skipped:
         lines += [f"**Triton was not measured:** {skipped}.", ""]
-    busy = _busy(gpu)
-    lines += [f"### Single images at concurrency {busy}", ""] + _headline_tables(gpu, busy)
-    lines += _every_point(gpu) + _inside(gpu) + _raw(gpu) + _features(gpu) + _footprint(gpu)
+    busy = busy_concurrency(gpu)
+    lines += [f"### Single images at concurrency {busy}", ""] + headline_tables(gpu, busy)
+    lines += (
+        every_point(gpu)
+        + inside(gpu)
+        + raw_onnx_runtime(gpu)
+        + feature_outputs(gpu)
+        + _footprint(gpu)
+    )
     return lines[:2] + _subsections(lines[2:]) + _subsections(_how(gpu))
 
 
 def render(data: dict[str, Any], gpu: dict[str, Any] | None = None) -> str:
     """The CPU run's report; with a GPU run's JSON, its section after the CPU figures."""
     lines = _intro(data) + (_gpu_pointer(gpu) if gpu else []) + _summary(data) + _headline(data)
-    lines += changes.section(data.get("changes", [])) + _every_point(data) + _inside(data)
-    lines += _raw(data) + _features(data) + _footprint(data) + _how(data)
+    lines += changes.section(data.get("changes", [])) + every_point(data) + inside(data)
+    lines += raw_onnx_runtime(data) + feature_outputs(data) + _footprint(data) + _how(data)
     lines += gpu_section(gpu) if gpu else []
     return "\n".join(lines).rstrip() + "\n"
 
