@@ -2,8 +2,9 @@
 
 `cnnserve serve` is launched as a user would launch it and timed to grpc health SERVING (the
 moment a load balancer would send traffic); its resident memory is read then, after every
-model has loaded and run its warm-up batch. `extra` flags (the suite's `--device`) go to
-every start.
+model has loaded and run its warm-up batch. Every start gets the suite's `--device`, and the
+provider each model reports is checked, so a model that failed to load on the GPU cannot make
+a start-up look fast.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.reliability.server import Server
+from bench.serving import device
 from bench.serving.processes import tree_usage
 
 MiB = 2**20
@@ -23,13 +25,14 @@ def started(
     models: tuple[str, ...],
     log: Path,
     timeout: float = 120,
-    extra: tuple[str, ...] = (),
+    on: str = "cpu",
 ) -> dict[str, Any]:
     """Launch, wait for SERVING, read memory, stop: one start-up's figures."""
-    server = Server(repository, models, log, extra=extra)
+    server = Server(repository, models, log, extra=("--device", on))
     try:
         seconds = server.start(timeout)
         usage = tree_usage(server.pid)
+        device.check_served(on, device.served(server.address))
     finally:
         code = server.stop()
     return {
@@ -46,11 +49,11 @@ def run(
     family: list[str] | None,
     repeats: int,
     logs: Path,
-    extra: tuple[str, ...] = (),
+    on: str = "cpu",
 ) -> dict[str, Any]:
     """`repeats` start-ups with the quick set; one with the family when it was exported."""
     log = logs / "footprint-quick-set.log"
-    runs = [started(repository, quick_set, log, extra=extra) for _ in range(repeats)]
+    runs = [started(repository, quick_set, log, on=on) for _ in range(repeats)]
     out: dict[str, Any] = {
         "quick_set": {
             "models": list(quick_set),
@@ -64,6 +67,6 @@ def run(
         out["family"] = {"skipped": "--no-family, the default with --quick"}
     else:
         log = logs / "footprint-family.log"
-        one = started(repository, tuple(family), log, timeout=900, extra=extra)
+        one = started(repository, tuple(family), log, timeout=900, on=on)
         out["family"] = {"models": family, **one}
     return out

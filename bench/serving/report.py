@@ -139,6 +139,8 @@ def _headline(data: dict[str, Any]) -> list[str]:
 def _footprint(data: dict[str, Any]) -> list[str]:
     foot = data.get("footprint") or {}
     lines = ["## Start-up and memory", ""]
+    if foot.get("error"):
+        lines += [f"`cnnserve serve` start-up and memory: not measured ({foot['error']}).", ""]
     quick = foot.get("quick_set")
     if quick:
         lines += [

@@ -360,10 +360,9 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
     )
     print("start-up and memory ...", flush=True)
     everything = workload.family(repository) if family else None
-    on = ("--device", args.device)
     try:  # the last figures of a long run: their failure must not lose the others
         data["footprint"] = footprint.run(
-            repository, QUICK_SET, everything, settings["repeats"], logs, on
+            repository, QUICK_SET, everything, settings["repeats"], logs, args.device
         )
     except Exception as error:  # noqa: BLE001
         print(f"  start-up and memory not measured: {error}", flush=True)

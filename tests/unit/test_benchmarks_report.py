@@ -463,3 +463,9 @@ def test_the_real_json_renders_as_a_gpu_section_too() -> None:
     text = report.render(real, gpu | {"goals": []})
     part = text.split("## On a GPU: cuda\n")[1]
     assert "### Single images at concurrency" in part and "### Raw ONNX Runtime" in part
+
+
+def test_a_failed_start_up_measurement_says_why() -> None:
+    gpu = gpu_run() | {"footprint": {"error": "--device cuda: cnnserve serve reports mlp: FAILED"}}
+    part = gpu_part(report.render(synthetic(), gpu))
+    assert "start-up and memory: not measured (--device cuda: cnnserve serve reports mlp" in part
