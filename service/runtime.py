@@ -118,22 +118,33 @@ class ModelRuntime:
         self.single_images = 0
         self.single_seconds: dict[int, float] = {}  # the same timings for `single`
         self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
+        # On CUDA, the batch sizes a batch is padded up to (see padded_sizes); empty: as is
+        self.padded_sizes: tuple[int, ...] = ()
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Only the named outputs are copied out; the graph runs once whatever is asked."""
-        session = self.single if len(batch) <= self.single_images else self.session
+        images = len(batch)
+        session = self.single if images <= self.single_images else self.session
         assert session is not None
+        size = next((s for s in self.padded_sizes if s >= images), images)
+        if size > images:  # zero images after the real ones; their rows are dropped below
+            full = np.zeros((size, *batch.shape[1:]), batch.dtype)
+            full[:images] = batch
+            batch = full
         try:
             values = session.run(list(outputs), {self.input_name: batch})
         except Exception as error:
             raise InferenceFailed(f"inference failed: {error}") from error
-        return dict(zip(outputs, values, strict=True))
+        return {name: value[:images] for name, value in zip(outputs, values, strict=True)}
 
     def warm_up(self, max_batch_size: int, loop_budget_s: float = 0.0) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
-        then time batches of TIMED_SIZES (the median of a few runs each).
+        then time batches of TIMED_SIZES (the median of a few runs each). On CUDA, run each
+        of `padded_sizes` once instead: the first run of a shape is when cuDNN picks its
+        convolution algorithms, by trying them all (ONNX Runtime's default), and that must
+        not happen while serving.
 
         `loop_budget_s`: the longest batch the event loop runs. Where one image on the pool
         takes at most the thread count times that, the one-thread session is created and
@@ -141,7 +152,9 @@ class ModelRuntime:
         than `threads` times faster than `threads` of them, so such a model never runs on
         the loop and its twin would only cost memory and start-up time.
         """
-        for size in sorted({1, max(1, max_batch_size)}):
+        if self.provider == CUDA:
+            self.padded_sizes = padded_sizes(max_batch_size)
+        for size in self.padded_sizes or sorted({1, max(1, max_batch_size)}):
             self.session.run(self.output_names, {self.input_name: self._zeros(size)})
         self.batch_seconds = {
             size: self._median_seconds(self.session, size) for size in TIMED_SIZES
@@ -209,6 +222,22 @@ def _session(
         return ort.InferenceSession(str(path), session_options, providers=providers)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types
         raise LoadError(f"ONNX Runtime could not load {path.name}: {error}") from error
+
+
+def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch_size`, then it: the only shapes a CUDA session sees.
+
+    A dynamic batcher makes batches of every size up to its limit, and on CUDA each new size
+    costs a cuDNN algorithm search, far longer than the batch itself (docs/BENCHMARKS.md's GPU
+    section shows the suite's run before this). Padding to these few sizes, each searched
+    once at warm-up, costs at most twice the images' compute, which a GPU running a batch of
+    at most `max_batch_size` small images hardly notices.
+    """
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max(1, max_batch_size))
 
 
 def _line(seconds: dict[int, float]) -> Callable[[int], float]:

@@ -1,0 +1,39 @@
+"""On CUDA a batch is padded to one of a few sizes, so cuDNN never searches while serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from service.runtime import ModelRuntime, RuntimeOptions, padded_sizes
+
+
+def test_padded_sizes_are_powers_of_two_then_the_limit() -> None:
+    assert padded_sizes(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert padded_sizes(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert padded_sizes(1) == (1,)
+    assert padded_sizes(0) == (1,)
+
+
+def test_a_padded_batch_gives_the_unpadded_answers(tiny_repository: Path, fmnist) -> None:
+    # The CPU session stands in for a CUDA one: the padding is the same code either way.
+    path = tiny_repository / "resnet" / "1" / "model.onnx"
+    runtime = ModelRuntime(path, RuntimeOptions(device="cpu", small_batch_session=False))
+    outputs = runtime.output_names
+    images = (fmnist.test_images[:5, None] / 255.0).astype(np.float32)
+    plain = runtime.run(images, outputs)
+    runtime.padded_sizes = padded_sizes(8)
+    padded = runtime.run(images, outputs)  # runs as 8 images, answers for 5
+    for name in outputs:
+        assert padded[name].shape == plain[name].shape, name
+        np.testing.assert_allclose(padded[name], plain[name], rtol=1e-5, atol=1e-6)
+    bigger = (fmnist.test_images[:9, None] / 255.0).astype(np.float32)
+    assert runtime.run(bigger, ["probabilities"])["probabilities"].shape == (9, 10)
+
+
+def test_a_cpu_session_is_never_padded(tiny_repository: Path) -> None:
+    path = tiny_repository / "lenet5" / "1" / "model.onnx"
+    runtime = ModelRuntime(path, RuntimeOptions(device="cpu"))
+    runtime.warm_up(64)
+    assert runtime.padded_sizes == ()
