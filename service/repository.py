@@ -247,6 +247,8 @@ class ModelRepository:
         self._changed(entry)
         if batcher is not None:
             await batcher.close()
+        if entry.runtime is not None:
+            entry.runtime.close()
         entry.runtime = None
 
     async def load_newest(self, name: str) -> ModelVersion:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,9 @@ class ModelRuntime:
 
     def __init__(self, path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
         requested = providers_for(options.device)
-        self.session = _session(path, options, options.threads(), requested)
+        # CUDA kernels need no CPU operator threads: a pool would only spin beside the loop
+        threads = options.threads() if requested == [CPU] else 1
+        self.session = _session(path, options, threads, requested)
         self.session.disable_fallback()
         self.provider = self.session.get_providers()[0]
         kind, _ = parse_device(options.device)
@@ -122,9 +125,29 @@ class ModelRuntime:
         self.padded_sizes: tuple[int, ...] = ()
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # ONNX Runtime's CUDA provider keeps its cuDNN and cuBLAS state per calling thread
+        # (microsoft/onnxruntime#1149), and a Python server calling one CUDA session from many
+        # threads sees calls of 20-400 ms where one thread sees steady ones (#23094); our
+        # first GPU suite run saw the same. So one thread makes every call of a CUDA session,
+        # its warm-up included, and the batcher's threads wait on it.
+        self._device_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="cuda-session")
+            if self.provider == CUDA
+            else None
+        )
+
+    def close(self) -> None:
+        """Let the CUDA session's thread end once its calls are done (the version is dropped)."""
+        if self._device_thread is not None:
+            self._device_thread.shutdown(wait=False)
 
     def run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """Only the named outputs are copied out; the graph runs once whatever is asked."""
+        if self._device_thread is not None:
+            return self._device_thread.submit(self._run, batch, outputs).result()
+        return self._run(batch, outputs)
+
+    def _run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         images = len(batch)
         session = self.single if images <= self.single_images else self.session
         assert session is not None
@@ -140,6 +163,13 @@ class ModelRuntime:
         return {name: value[:images] for name, value in zip(outputs, values, strict=True)}
 
     def warm_up(self, max_batch_size: int, loop_budget_s: float = 0.0) -> None:
+        """See `_warm_up`; on CUDA it runs on the session's own thread, as every call does."""
+        if self._device_thread is not None:
+            self._device_thread.submit(self._warm_up, max_batch_size, loop_budget_s).result()
+        else:
+            self._warm_up(max_batch_size, loop_budget_s)
+
+    def _warm_up(self, max_batch_size: int, loop_budget_s: float) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
         then time batches of TIMED_SIZES (the median of a few runs each). On CUDA, run each
         of `padded_sizes` once instead: the first run of a shape is when cuDNN picks its

@@ -88,6 +88,15 @@ def test_cuda_gives_every_model_the_cpu_answers(tiny_repository: Path, fmnist) -
             scale = max(1.0, float(np.abs(expected).max()))
             difference = float(np.abs(got[output] - expected).max())
             assert difference <= 1e-2 * scale, (name, output, difference, scale)
+        # the batcher calls from many threads; every call goes through the session's own
+        with ThreadPoolExecutor(8) as pool:
+            calls = [
+                pool.submit(gpu.run, images[i : i + 3], ["probabilities"]) for i in range(0, 48, 3)
+            ]
+            parts = [call.result() for call in calls]
+        together = np.concatenate([part["probabilities"] for part in parts])
+        np.testing.assert_allclose(together, got["probabilities"][:48], atol=1e-4)
+        gpu.close()
 
 
 def test_a_corrupt_model_is_reported_failed_and_the_others_serve(
