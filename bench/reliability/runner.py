@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -86,7 +87,27 @@ def run_header(module: str, quick: bool, repository: Path) -> dict[str, Any]:
         "quick": quick,
         "model_repository": str(repository),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "revision": revision(),
     }
+
+
+def revision() -> str | None:
+    """The commit the figures were measured at (a '+' when the tree had changes), if known."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None  # not a git checkout (a copied tree)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def machine() -> dict[str, Any]:
