@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,13 +145,7 @@ def family_time(rows: list[Row]) -> list[str]:
     Only what `make models` trains counts: default-named members trained on the CPU, not a
     bigger variant trained elsewhere under its own name.
     """
-    trained = [
-        r
-        for r in rows
-        if r.config["training"].get("history")
-        and not _on_gpu(r.config)
-        and r.config.get("model", r.name) == r.name
-    ]
+    trained = [r for r in rows if r.config["training"].get("history") and _from_make_models(r)]
     if not trained:
         return []
     recorded = sum(r.config["training"]["seconds"] for r in trained)
@@ -267,6 +262,46 @@ def options_table() -> list[str]:
     return lines
 
 
+def _from_make_models(row: Row) -> bool:
+    """Default-named and trained on the CPU, as `make models` trains; not a bigger variant."""
+    return not _on_gpu(row.config) and row.config.get("model", row.name) == row.name
+
+
+def train_command(config: dict[str, Any]) -> str:
+    """The `cnnserve-export train` command that trains this row again, from its metadata."""
+    model = config["model"]
+    words = ["cnnserve-export train", f"--model {model}"]
+    if config["name"] != model:
+        words.append(f"--name {config['name']}")
+    defaults = inspect.signature(get_entry(model).factory).parameters
+    for key, value in config.get("options", {}).items():
+        default = defaults[key].default if key in defaults else None
+        if json.dumps(value) != json.dumps(
+            list(default) if isinstance(default, tuple) else default
+        ):
+            words.append(f"--option {key}={json.dumps(value, separators=(',', ':'))}")
+    if config["recipe"]["epochs"] != get_entry(model).recipe.epochs:
+        words.append(f"--epochs {config['recipe']['epochs']}")
+    device = config["training"].get("device", "cpu")
+    if device != "cpu":
+        words.append(f"--device {device}")
+    return " ".join(words)
+
+
+def _apart(rows: list[Row]) -> list[str]:
+    """How each model that `make models` does not train was trained, so it can be again."""
+    lines = [
+        f"- `{row.name}`: `{train_command(row.config)}`"
+        for row in rows
+        if row.config["training"].get("history") and not _from_make_models(row)
+    ]
+    return (
+        ["Trained apart from `make models`, each with its own command:", "", *lines, ""]
+        if lines
+        else []
+    )
+
+
 def _missing(rows: list[Row]) -> list[str]:
     """Family members the repository does not hold yet: the table must not hide them."""
     missing = [name for name in list_models() if name not in {row.name for row in rows}]
@@ -302,6 +337,7 @@ def render(rows: list[Row], command: str, images: int, seconds: float) -> str:
         "",
         *family_time(floats),
         *_missing(floats),
+        *_apart(floats),
         f"![accuracy against MFLOPs]({FIGURES}/accuracy-mflops.png)",
         "",
     ]

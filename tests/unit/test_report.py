@@ -146,3 +146,22 @@ def test_a_wider_gpu_run_has_its_own_goal_and_stays_out_of_the_family_budget() -
     # `make models` trains only default-named members on the CPU: the GPU run is not counted
     (line, _) = report.family_time([default, wide])
     assert line.startswith("Training time of the 1 trained members: 5.0 min as recorded")
+
+
+def test_the_train_command_names_only_what_differs_from_the_default_recipe() -> None:
+    epochs = get_entry("resnet").recipe.epochs
+    options = {"blocks": [2, 2, 2, 2], "stem_stride": 1, "width": 64}
+    config = {
+        "model": "resnet",
+        "name": "resnet-w64",
+        "options": options,
+        "recipe": {"epochs": epochs + 28},
+        "training": {"device": "cuda"},
+    }
+    assert report.train_command(config) == (
+        f"cnnserve-export train --model resnet --name resnet-w64 --option width=64 "
+        f"--epochs {epochs + 28} --device cuda"
+    )
+    default = {**config, "name": "resnet", "options": {**options, "width": 16}}
+    default["recipe"], default["training"] = {"epochs": epochs}, {"device": "cpu"}
+    assert report.train_command(default) == "cnnserve-export train --model resnet"
