@@ -17,6 +17,11 @@ from bench.serving.goals import point
 from bench.serving.systems import NAMES, measured, name
 
 
+def titled(title: str, headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A bold title line, then its table, each followed by a blank line."""
+    return [title, "", table(headers, rows), ""]
+
+
 def ratio(a: float | None, b: float | None) -> str | None:
     return f"{a / b:.2f} x" if a is not None and b else None
 
@@ -97,7 +102,7 @@ def headline_tables(data: dict[str, Any], busy: int) -> list[str]:
         if top:
             rows.insert(0, top)
         if rows:
-            lines += [f"**{work}**", "", table(HEADERS, rows), ""]
+            lines += titled(f"**{work}**", HEADERS, rows)
     return lines
 
 
@@ -111,13 +116,9 @@ def every_point(data: dict[str, Any]) -> list[str]:
         if not rows:
             continue
         outputs = ", ".join(f"`{o}`" for o in w["outputs"])
-        lines += [
-            f"**{w['name']}**: {w['images']} image{'s' if w['images'] > 1 else ''} per request, "
-            f"asking for {outputs}.",
-            "",
-            table(HEADERS, rows),
-            "",
-        ]
+        plural = "s" if w["images"] > 1 else ""
+        title = f"**{w['name']}**: {w['images']} image{plural} per request, asking for {outputs}."
+        lines += titled(title, HEADERS, rows)
     return lines
 
 
@@ -181,13 +182,11 @@ def raw_onnx_runtime(data: dict[str, Any]) -> list[str]:
                 row += [b["images_per_s"], b["p50"], b["images_per_cpu_s"]]
             rows.append(row)
         top = r["limit"][model]
-        lines += [
+        title = (
             f"**{model}**: limit {fmt(top['images_per_s'])} images/s at batch {top['batch']}, "
-            f"{top['spinning']}.",
-            "",
-            table(headers, rows),
-            "",
-        ]
+            f"{top['spinning']}."
+        )
+        lines += titled(title, headers, rows)
     return lines
 
 
