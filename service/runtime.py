@@ -148,6 +148,16 @@ class ModelRuntime:
         return self._run(batch, outputs)
 
     def _run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        largest = self.padded_sizes[-1] if self.padded_sizes else 0
+        if largest and len(batch) > largest:  # a request over the batch limit: in warm chunks
+            parts = [
+                self._run_padded(batch[start : start + largest], outputs)
+                for start in range(0, len(batch), largest)
+            ]
+            return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+        return self._run_padded(batch, outputs)
+
+    def _run_padded(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         images = len(batch)
         session = self.single if images <= self.single_images else self.session
         assert session is not None
@@ -255,7 +265,8 @@ def _session(
 
 
 def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
-    """Powers of two below `max_batch_size`, then it: the only shapes a CUDA session sees.
+    """Powers of two below `max_batch_size`, then it: the only shapes a CUDA session sees
+    (a request over the limit runs in chunks of it).
 
     A dynamic batcher makes batches of every size up to its limit, and on CUDA each new size
     costs a cuDNN algorithm search, far longer than the batch itself (docs/BENCHMARKS.md's GPU
