@@ -15,20 +15,28 @@ same image count has the same length and each length is parsed once; a request w
 was not prebuilt is refused (INVALID_ARGUMENT). It also answers the Open Inference Protocol's
 `ServerReady`, which is how the suite waits for a server (`processes.wait_ready`).
 
-`python -m bench.serving.floor_server --port P --images 1,32`; `FloorServer` launches it.
+`--sync-workers N` serves the same replies on the synchronous `grpc.server` with N handler
+threads instead (the suite's `floor-sync`): the two floors side by side say how much of a
+Python gRPC call's cost is grpc.aio's own.
+
+`python -m bench.serving.floor_server --port P --images 1,32 [--sync-workers N]`;
+`FloorServer` launches it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from bench.serving.processes import ServerProcess, serve_until_signalled
+from bench.serving.processes import BARE_OPTIONS, ServerProcess, serve_until_signalled
 from service import loops
 from service.proto import cnnserve_pb2 as pb
 from service.proto import grpc_service_pb2 as oip
@@ -53,15 +61,26 @@ class Replies:
         self.by_count = {n: reply(n) for n in counts}
         self.by_length: dict[int, bytes] = {}
 
-    async def classify(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def find(self, request: bytes) -> bytes | str:
+        """The reply for this request, or why there is none."""
         found = self.by_length.get(len(request))
         if found is None:  # first request of this length: count its images once
             count = len(pb.ClassifyRequest.FromString(request).images)
             if count not in self.by_count:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"no reply prebuilt for {count} images"
-                )
+                return f"no reply prebuilt for {count} images"
             found = self.by_length[len(request)] = self.by_count[count]
+        return found
+
+    async def classify(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        found = self.find(request)
+        if isinstance(found, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, found)
+        return found
+
+    def classify_sync(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        found = self.find(request)
+        if isinstance(found, str):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, found)  # raises
         return found
 
 
@@ -70,6 +89,31 @@ class Ready(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Any, context: Any) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=True)
+
+
+class SyncReady(oip_grpc.GRPCInferenceServiceServicer):
+    """`Ready` for the synchronous server, whose handlers are plain functions."""
+
+    def ServerReady(self, request: Any, context: Any) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=True)
+
+
+def serve_sync(port: int, replies: Replies, workers: int) -> None:
+    """The same replies on the synchronous `grpc.server`, its handlers on `workers` threads:
+    how much of the floor is grpc.aio's own, measured beside it."""
+    server = grpc.server(ThreadPoolExecutor(workers), options=BARE_OPTIONS)
+    classify = grpc.unary_unary_rpc_method_handler(replies.classify_sync)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": classify}),)
+    )
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(SyncReady(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1)
 
 
 async def serve(port: int, replies: Replies) -> None:
@@ -89,8 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--images", default="1", help="comma-separated image counts to prebuild replies for"
     )
+    parser.add_argument(
+        "--sync-workers",
+        type=int,
+        default=0,
+        help="serve on the synchronous grpc.server with this many handler threads (0: grpc.aio)",
+    )
     args = parser.parse_args(argv)
     replies = Replies([int(n) for n in args.images.split(",") if n.strip()])
+    if args.sync_workers:
+        serve_sync(args.port, replies, args.sync_workers)
+        return 0
     with asyncio.Runner(loop_factory=loops.factory("uvloop")) as runner:
         runner.run(serve(args.port, replies))
     return 0
@@ -101,12 +154,15 @@ class FloorServer(ServerProcess):
     """The gRPC floor as a subprocess of the suite."""
 
     images: list[int] = field(default_factory=lambda: [1])
+    sync_workers: int = 0  # > 0: the synchronous grpc.server with this many threads
 
     def command(self) -> list[str]:
         counts = ",".join(map(str, self.images))
         return [sys.executable, "-m", "bench.serving.floor_server", "--port", str(self.port)] + [
             "--images",
             counts,
+            "--sync-workers",
+            str(self.sync_workers),
         ]
 
 

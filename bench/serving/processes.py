@@ -158,17 +158,16 @@ class ServerProcess:
 
 
 BARE_MESSAGE_BYTES = 256 * 1024 * 1024
+BARE_OPTIONS = [
+    ("grpc.max_receive_message_length", BARE_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", BARE_MESSAGE_BYTES),
+]
 
 
 async def serve_until_signalled(port: int, add: Callable[[grpc.aio.Server], None]) -> None:
     """A plain grpc.aio server on loopback (the baselines' servers): `add` registers its
     handlers; it runs until SIGTERM or SIGINT."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", BARE_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", BARE_MESSAGE_BYTES),
-        ]
-    )
+    server = grpc.aio.server(options=BARE_OPTIONS)
     add(server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

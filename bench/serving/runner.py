@@ -1,7 +1,7 @@
 """Run the serving suite: raw ONNX Runtime, then every server at every point, then the report.
 
 Usage: `.venv/bin/python -m bench.serving [--quick] [--repeats N] [--seconds S]
-[--systems raw,native,oip,triton,naive,floor] [--allow-spinning off|on|both]
+[--systems raw,native,oip,triton,naive,floor,floor-sync] [--allow-spinning off|on|both]
 [--device cpu|cuda|cuda:N] [--out bench/results/serving.json] [--docs docs/BENCHMARKS.md]
 [--changes bench/results/changes] [--gpu-data bench/results/serving-cuda.json]`. Exit status:
 0 when every goal measured was met, 1 when one was missed, 2 when nothing could be measured
@@ -41,7 +41,9 @@ from bench.serving.naive_server import NaiveServer
 from bench.serving.processes import ServerProcess, tree_usage
 from bench.serving.workload import MODELS, QUICK_SET, Workload
 
-SYSTEMS = ("raw", "native", "oip", "triton", "naive", "floor")
+SYSTEMS = ("raw", "native", "oip", "triton", "naive", "floor", "floor-sync")
+# the synchronous floor's handler threads: one per call in flight at the goals' concurrency (32)
+SYNC_FLOOR_WORKERS = 32
 CLASSIFY = "/cnnserve.v1.Inference/Classify"
 CALL_TIMEOUT_S = 30.0
 SPINNING = {"off": (False,), "on": (True,), "both": (False, True)}
@@ -139,7 +141,7 @@ class Requests:
             "timeout": CALL_TIMEOUT_S,
             "images": work.images,
         }
-        if system.startswith("native") or system == "floor":  # the floor answers Classify
+        if system.startswith(("native", "floor")):  # the floors answer Classify
             return Load(client="grpc", method=CLASSIFY, payloads=self.classify[work.name], **common)
         model = work.triton_model if system == "triton" and work.triton_model else work.model
         arrays = tuple(self.arrays[work.name])
@@ -165,9 +167,10 @@ def server_for(
     if kind == "naive":
         paths = {m: Path(info["path"]) for m, info in models.items()}
         return NaiveServer(log=log, models=list(models), paths=paths, device=on)
-    if kind == "floor":  # replies prebuilt for every image count it will be asked for
-        images = sorted({w.images for w in works if "floor" in w.systems})
-        return FloorServer(log=log, models=[], images=images)
+    if kind in ("floor", "floor-sync"):  # replies prebuilt for every image count asked for
+        images = sorted({w.images for w in works if kind in w.systems})
+        workers = SYNC_FLOOR_WORKERS if kind == "floor-sync" else 0
+        return FloorServer(log=log, models=[], images=images, sync_workers=workers)
     bindings = triton.bindings(models)
     return triton.TritonServer(
         log=log,
@@ -234,8 +237,7 @@ def measure_servers(
             kinds.append(("triton", False))
     if "naive" in systems:
         kinds.append(("naive", False))
-    if "floor" in systems:
-        kinds.append(("floor", False))
+    kinds += [(floor, False) for floor in ("floor", "floor-sync") if floor in systems]
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     servers: dict[str, dict[str, Any]] = {}
     workdir = logs / "load"

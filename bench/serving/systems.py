@@ -15,9 +15,10 @@ NAMES = {
     "triton": "Triton (PyTriton, Python backend)",
     "naive": "naive grpc.aio server",
     "floor": "gRPC floor: grpc.aio (uvloop) answering a prebuilt reply",
+    "floor-sync": "gRPC floor, synchronous: grpc.server (a thread pool) answering a prebuilt reply",
     "cnnserve": "cnnserve serve",
 }
-ORDER = ("native", "native+spin", "oip", "oip+spin", "triton", "naive", "floor")
+ORDER = ("native", "native+spin", "oip", "oip+spin", "triton", "naive", "floor", "floor-sync")
 
 
 def name(system: str) -> str:

@@ -29,7 +29,7 @@ FEATURE = "features.layer1"  # resnet's stage-1 output: 16 x 28 x 28 floats, 50 
 EXPORT_FLAGS = ("--max-steps", "3", "--train-limit", "512", "--no-progress")
 SERVERS = ("native", "oip", "triton", "naive")
 # The gRPC floor answers with probabilities only, so it measures only workloads asking for them.
-WITH_FLOOR = (*SERVERS, "floor")
+WITH_FLOOR = (*SERVERS, "floor", "floor-sync")
 
 
 @dataclass(frozen=True)
