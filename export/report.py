@@ -401,6 +401,8 @@ def write_report(
                 "throughput": r.speed.throughput,
                 "quantized": "quantization" in r.config,
                 "served": r.served,
+                "family": r.name.removesuffix(quantize.SUFFIX) in list_models()
+                and not _on_gpu(r.config),
             }
             for r in rows
             if r.accuracy is not None and r.speed is not None
