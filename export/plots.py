@@ -53,7 +53,7 @@ def learning_curve(config: dict[str, Any], path: Path) -> Path:
 # then further out with a leader line.
 LABEL_OFFSETS = tuple(
     (dx * scale, dy * scale)
-    for scale in (1, 2.5, 4)
+    for scale in (1, 2.5, 4, 6, 8)
     for dx, dy in ((6, -3), (6, 6), (6, -12), (-6, -3), (-6, 6), (-6, -12), (0, 9), (0, -15))
 )
 ZOOM_BAND = 0.02  # the zoom panel shows the points this close to the best accuracy
