@@ -263,8 +263,10 @@ def options_table() -> list[str]:
 
 
 def _from_make_models(row: Row) -> bool:
-    """Default-named and trained on the CPU, as `make models` trains; not a bigger variant."""
-    return not _on_gpu(row.config) and row.config.get("model", row.name) == row.name
+    """Default-named (an int8 variant: its float's name) and trained on the CPU, as `make
+    models` trains; not a bigger variant trained elsewhere under its own name."""
+    name = row.name.removesuffix(quantize.SUFFIX)
+    return not _on_gpu(row.config) and row.config.get("model", name) == name
 
 
 def train_command(config: dict[str, Any]) -> str:
@@ -401,8 +403,7 @@ def write_report(
                 "throughput": r.speed.throughput,
                 "quantized": "quantization" in r.config,
                 "served": r.served,
-                "family": r.name.removesuffix(quantize.SUFFIX) in list_models()
-                and not _on_gpu(r.config),
+                "family": _from_make_models(r),
             }
             for r in rows
             if r.accuracy is not None and r.speed is not None

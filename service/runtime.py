@@ -148,8 +148,10 @@ class ModelRuntime:
         return self._run(batch, outputs)
 
     def _run(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        largest = self.padded_sizes[-1] if self.padded_sizes else 0
-        if largest and len(batch) > largest:  # a request over the batch limit: in warm chunks
+        if not self.padded_sizes:  # the CPU: every batch as it is
+            return self._infer(batch, outputs)
+        largest = self.padded_sizes[-1]
+        if len(batch) > largest:  # a request over the batch limit: in warm chunks
             parts = [
                 self._run_padded(batch[start : start + largest], outputs)
                 for start in range(0, len(batch), largest)
@@ -158,19 +160,23 @@ class ModelRuntime:
         return self._run_padded(batch, outputs)
 
     def _run_padded(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Zero images after the real ones up to the next padded size; their rows dropped."""
         images = len(batch)
-        session = self.single if images <= self.single_images else self.session
-        assert session is not None
-        size = next((s for s in self.padded_sizes if s >= images), images)
-        if size > images:  # zero images after the real ones; their rows are dropped below
+        size = next(s for s in self.padded_sizes if s >= images)
+        if size > images:
             full = np.zeros((size, *batch.shape[1:]), batch.dtype)
             full[:images] = batch
             batch = full
+        return {name: value[:images] for name, value in self._infer(batch, outputs).items()}
+
+    def _infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        session = self.single if len(batch) <= self.single_images else self.session
+        assert session is not None
         try:
             values = session.run(list(outputs), {self.input_name: batch})
         except Exception as error:
             raise InferenceFailed(f"inference failed: {error}") from error
-        return {name: value[:images] for name, value in zip(outputs, values, strict=True)}
+        return dict(zip(outputs, values, strict=True))
 
     def warm_up(self, max_batch_size: int, loop_budget_s: float = 0.0) -> None:
         """See `_warm_up`; on CUDA it runs on the session's own thread, as every call does."""

@@ -91,6 +91,12 @@ class Ready(oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=True)
 
 
+def classify_handler(classify: Any) -> grpc.GenericRpcHandler:
+    """`Classify` on either server kind, bytes in and bytes out (no protobuf work per call)."""
+    method = grpc.unary_unary_rpc_method_handler(classify)
+    return grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": method})
+
+
 class SyncReady(oip_grpc.GRPCInferenceServiceServicer):
     """`Ready` for the synchronous server, whose handlers are plain functions."""
 
@@ -102,10 +108,7 @@ def serve_sync(port: int, replies: Replies, workers: int) -> None:
     """The same replies on the synchronous `grpc.server`, its handlers on `workers` threads:
     how much of the floor is grpc.aio's own, measured beside it."""
     server = grpc.server(ThreadPoolExecutor(workers), options=BARE_OPTIONS)
-    classify = grpc.unary_unary_rpc_method_handler(replies.classify_sync)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": classify}),)
-    )
+    server.add_generic_rpc_handlers((classify_handler(replies.classify_sync),))
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(SyncReady(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -117,8 +120,7 @@ def serve_sync(port: int, replies: Replies, workers: int) -> None:
 
 
 async def serve(port: int, replies: Replies) -> None:
-    classify = grpc.unary_unary_rpc_method_handler(replies.classify)  # bytes in, bytes out
-    handlers = grpc.method_handlers_generic_handler("cnnserve.v1.Inference", {"Classify": classify})
+    handlers = classify_handler(replies.classify)
 
     def add(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers((handlers,))
