@@ -2,7 +2,7 @@
 
 cnnserve-export train --model lenet5 [--epochs N] [--max-steps N] [--option k=v ...]
     [--quantize int8|auto]
-cnnserve-export all [--quick] [--skip-existing] [--quantize int8|auto]
+cnnserve-export all [--quick] [--skip-existing] [--jobs N|auto] [--quantize int8|auto]
 cnnserve-export quantize NAME [NAME ...] [--calibration-images N] [--auto]
 cnnserve-export report [--docs DIR] [--seconds S]
 cnnserve-export list
@@ -13,14 +13,17 @@ cnnserve-export samples FOLDER [--count N]
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from export import quantize, repository
+from export import family, quantize, repository
 from export.data import LABELS, DatasetNotFoundError, FashionMNIST, load_fashion_mnist
 from export.pipeline import QUICK_SET, ExportRequest, ExportResult, export_model
 from export.registry import get_entry, list_models
@@ -109,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip models that already have a version (so an interrupted run resumes)",
     )
+    every.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N|auto",
+        help="members trained at once, each on cores/N torch threads, longest first (default: "
+        "auto, one per core on a CPU, one on a GPU)",
+    )
     _training(every)
 
     int8 = commands.add_parser(
@@ -165,6 +176,13 @@ def write_samples(folder: Path, count: int, data_dir: Path | None) -> list[Path]
         Image.fromarray(data.test_images[index]).save(path)
         paths.append(path)
     return paths
+
+
+def _jobs(text: str) -> int | None:
+    try:
+        return family.parse_jobs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _request(
@@ -238,34 +256,125 @@ def _load_data(data_dir: Path | None) -> FashionMNIST | None:
         return None
 
 
+def _export_one(args: argparse.Namespace, data: FashionMNIST, request: ExportRequest) -> str:
+    """Train, export and (if asked) quantize one member: trained, skipped or failed."""
+    name = request.name or request.model
+    outcome = "trained"
+    try:
+        if getattr(args, "skip_existing", False) and repository.versions(
+            args.model_repository, name
+        ):
+            print(f"skip {name}: already in {args.model_repository}", flush=True)
+            outcome = "skipped"
+        else:
+            started = time.perf_counter()
+            result = export_model(request, data, args.model_repository)
+            _report(result, time.perf_counter() - started)
+        if args.quantize:
+            _quantize_exported(args, data, name)
+    except Exception as error:  # one model's failure must not stop the rest of the family
+        print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
+        return "failed"
+    return outcome
+
+
+# A worker process of `all --jobs N`: its threads and its copy of the data, set up once.
+_WORKER_DATA: FashionMNIST | None = None
+
+
+def _worker_init(threads: int, data_dir: Path | None) -> None:
+    import torch
+
+    global _WORKER_DATA
+    torch.set_num_threads(threads)
+    _WORKER_DATA = load_fashion_mnist(data_dir)
+
+
+def _worker_export(args: argparse.Namespace, request: ExportRequest) -> str:
+    assert _WORKER_DATA is not None, "_worker_init runs first"
+    return _export_one(args, _WORKER_DATA, request)
+
+
 def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> int:
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     data = _load_data(args.data_dir)
     if data is None:
         return 2
-    failed: list[str] = []
-    for request in requests:
-        name = request.name or request.model
-        try:
-            if getattr(args, "skip_existing", False) and repository.versions(
-                args.model_repository, name
-            ):
-                print(f"skip {name}: already in {args.model_repository}", flush=True)
-            else:
-                started = time.perf_counter()
-                result = export_model(request, data, args.model_repository)
-                _report(result, time.perf_counter() - started)
-            if args.quantize:
-                _quantize_exported(args, data, name)
-        except Exception as error:  # one model's failure must not stop the rest of the family
-            print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
-            failed.append(name)
+    if args.command == "all":
+        outcomes = _run_family(args, requests, data)
+    else:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        outcomes = {r.name or r.model: _export_one(args, data, r) for r in requests}
+    failed = [name for name, outcome in outcomes.items() if outcome == "failed"]
     if failed:
         print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_family(
+    args: argparse.Namespace, requests: list[ExportRequest], data: FashionMNIST
+) -> dict[str, str]:
+    """The family, one member after another or `--jobs` at once; the run is recorded."""
+    import torch
+
+    root = args.model_repository
+    skip = {
+        r.name or r.model
+        for r in requests
+        if args.skip_existing and repository.versions(root, r.name or r.model)
+    }
+    todo = [r for r in requests if (r.name or r.model) not in skip]
+    cpus = os.cpu_count() or 1
+    jobs = family.choose_jobs(args.jobs, max(len(todo), 1), args.device, cpus)
+    threads = args.threads or max(1, cpus // jobs)
+    torch.set_num_threads(threads)
+    started_at, started = dt.datetime.now(dt.UTC), time.perf_counter()
+    if jobs == 1:
+        outcomes = {r.name or r.model: _export_one(args, data, r) for r in requests}
+    else:
+        # Skipped members first, here: they print why, and get a missing int8 variant.
+        outcomes = {
+            r.name or r.model: _export_one(args, data, r)
+            for r in requests
+            if (r.name or r.model) in skip
+        }
+        quiet = [replace(r, progress=False) for r in todo]  # parallel step bars would clash
+        planned = family.longest_first(
+            [
+                family.Planned(r, family.planned_seconds(r, family.step_seconds(r, threads)))
+                for r in quiet
+            ]
+        )
+        print(
+            f"training {len(planned)} models, {jobs} at a time on {threads} torch thread(s) "
+            f"each, longest first: about {family.lanes_finish(planned, jobs) / 60:.0f} min of "
+            f"training steps ({', '.join(p.request.name or p.request.model for p in planned)})",
+            flush=True,
+        )
+        train_only = argparse.Namespace(**{**vars(args), "quantize": None})
+        outcomes |= family.run_parallel(
+            partial(_worker_export, train_only),
+            planned,
+            jobs,
+            _worker_init,
+            (threads, args.data_dir),
+        )
+        if args.quantize:  # once training is over: int8 races float32 on an idle CPU
+            torch.set_num_threads(cpus)
+            for name in (
+                r.name or r.model for r in todo if outcomes[r.name or r.model] == "trained"
+            ):
+                try:
+                    _quantize_exported(args, data, name)
+                except Exception as error:  # one model's failure must not stop the others
+                    print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
+                    outcomes[name] = "failed"
+    family.record_run(
+        root, started_at, time.perf_counter() - started, jobs, threads, args.device, outcomes
+    )
+    return outcomes
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
