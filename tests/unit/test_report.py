@@ -107,11 +107,13 @@ def test_family_time_sums_the_runs_and_discounts_disturbed_epochs() -> None:
     # b's second epoch was slowed to 600 s: its median epoch (100 s) is what it takes, so
     # a is 2 x 60 s and b 3 x 100 s: 7.0 min, where the recorded 920 s are 15.3 min.
     rows = [row("a", [60.0, 120.0]), row("b", [100.0, 700.0, 800.0])]
-    (line, blank) = report.family_time(rows)
-    assert line.startswith("Training time of the 2 trained members: 15.3 min as recorded, 7.0 min")
-    assert "within the 2-hour budget" in line and blank == ""
+    (line, blank) = report.family_time(rows, [])
+    assert line.startswith(
+        "Training time of the 2 trained members, added up: 15.3 min as recorded, 7.0 min"
+    )
+    assert line.endswith("the 2-hour budget for `make models`: within.") and blank == ""
     slow = [row("c", [3000.0, 6000.0, 9000.0])]
-    assert "**over** the 2-hour budget" in report.family_time(slow)[0]
+    assert report.family_time(slow, [])[0].endswith("`make models`: **over**.")
 
 
 def test_train_cell_names_the_median_epoch_estimate_of_a_disturbed_run() -> None:
@@ -144,8 +146,8 @@ def test_a_wider_gpu_run_has_its_own_goal_and_stays_out_of_the_family_budget() -
     default = _gpu_row("resnet", "resnet", "cpu")
     assert report.row_goal(default) == get_entry("resnet").goal
     # `make models` trains only default-named members on the CPU: the GPU run is not counted
-    (line, _) = report.family_time([default, wide])
-    assert line.startswith("Training time of the 1 trained members: 5.0 min as recorded")
+    (line, _) = report.family_time([default, wide], [])
+    assert line.startswith("Training time of the 1 trained members, added up: 5.0 min as")
 
 
 def test_the_train_command_names_only_what_differs_from_the_default_recipe() -> None:
@@ -165,3 +167,87 @@ def test_the_train_command_names_only_what_differs_from_the_default_recipe() -> 
     default = {**config, "name": "resnet", "options": {**options, "width": 16}}
     default["recipe"], default["training"] = {"epochs": epochs}, {"device": "cpu"}
     assert report.train_command(default) == "cnnserve-export train --model resnet"
+
+
+def _timed_row(name: str, created: str, seconds: float = 600.0) -> report.Row:
+    training = {"seconds": seconds, "epochs": 2, "history": [{"seconds": seconds / 2}] * 2}
+    config = {"name": name, "model": name, "training": training, "created": created}
+    return report.Row(config=config, path=Path(name), served=True)
+
+
+def _run(started: str, seconds: float, trained: list[str]) -> dict:
+    return {
+        "started": started,
+        "seconds": seconds,
+        "jobs": 2,
+        "threads": 1,
+        "machine": "Test CPU (2 CPUs, torch 1 threads)",
+        "trained": trained,
+    }
+
+
+def test_the_budget_is_the_recorded_wall_time_of_the_runs_that_trained_the_family() -> None:
+    rows = [
+        _timed_row("cnn", "2026-11-26T10:20:00+00:00"),
+        _timed_row("vgg", "2026-11-26T12:10:00+00:00"),
+    ]
+    # Interrupted after cnn, resumed for vgg: both runs count, and nothing else.
+    runs = [
+        _run("2026-11-25T09:00:00+00:00", 9000.0, ["cnn", "vgg"]),  # an older family
+        _run("2026-11-26T10:00:00+00:00", 1800.0, ["cnn"]),
+        _run("2026-11-26T12:00:00+00:00", 3600.0, ["vgg"]),
+    ]
+    assert report.covering_runs(rows, runs) == runs[1:]
+    lines = report.family_time(rows, runs)
+    assert "**`make models` wall time: 90.0 min**" in lines[2]
+    assert "2026-11-26 10:00 UTC, 2 at a time on 1 torch thread(s) each" in lines[2]
+    assert lines[2].endswith("within the 2-hour budget for `make models`.")
+    runs[2]["seconds"] = 7000.0
+    assert "**over** the 2-hour budget" in report.family_time(rows, runs)[2]
+
+
+def test_a_member_trained_outside_any_recorded_run_falls_back_to_the_estimate() -> None:
+    rows = [
+        _timed_row("cnn", "2026-11-26T10:20:00+00:00"),
+        _timed_row("vgg", "2026-11-26T15:00:00+00:00"),  # `cnnserve-export train` later
+    ]
+    runs = [_run("2026-11-26T10:00:00+00:00", 1800.0, ["cnn", "vgg"])]
+    assert report.covering_runs(rows, runs) is None
+    lines = report.family_time(rows, runs)
+    assert "No `cnnserve-export all` run recorded them all" in lines[0] and len(lines) == 2
+
+
+def test_a_model_gone_from_the_repository_keeps_its_row_from_its_record(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from export import records
+
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repository, repo)
+    docs = tmp_path / "docs"
+    report.write_report(repo, docs, seconds=SECONDS)
+    kept = docs / report.FIGURES / report.RECORDS
+    assert {c["name"] for c, _ in records.load(kept)} >= set(list_models())
+
+    shutil.rmtree(repo / "lenet5")
+    text = report.write_report(repo, docs, seconds=SECONDS).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| lenet5 |"))
+    assert row.endswith("| - | - |"), row  # its training figures stay; not measured here
+    assert (
+        "shown from their records in `docs/models/records/` (so not measured on this machine)"
+        ": `lenet5`." in text
+    )
+    assert "Not in this repository yet" not in text
+    assert "### lenet5" in text  # its learning curve was drawn while it was here
+
+
+def test_a_record_that_kept_its_totals_only_renders_without_a_median() -> None:
+    config = {
+        "name": "resnet-w64",
+        "model": "resnet",
+        "recipe": {"trainable": True, "epochs": 40},
+        "training": {"seconds": 150, "epochs": 40, "device": "cuda", "machine": "H100 (CUDA)"},
+    }
+    assert report._train_cell(config) == "2.5 min, 40 epochs on H100 (CUDA)"
