@@ -257,25 +257,34 @@ def _load_data(data_dir: Path | None) -> FashionMNIST | None:
 
 
 def _export_one(args: argparse.Namespace, data: FashionMNIST, request: ExportRequest) -> str:
-    """Train, export and (if asked) quantize one member: trained, skipped or failed."""
+    """Train, export and (if asked) quantize one member; its outcome (export/family.py)."""
     name = request.name or request.model
-    outcome = "trained"
     try:
         if getattr(args, "skip_existing", False) and repository.versions(
             args.model_repository, name
         ):
             print(f"skip {name}: already in {args.model_repository}", flush=True)
-            outcome = "skipped"
+            outcome = family.SKIPPED
         else:
             started = time.perf_counter()
             result = export_model(request, data, args.model_repository)
             _report(result, time.perf_counter() - started)
-        if args.quantize:
-            _quantize_exported(args, data, name)
+            outcome = family.TRAINED
     except Exception as error:  # one model's failure must not stop the rest of the family
         print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
-        return "failed"
+        return family.FAILED
+    if args.quantize and not _quantize_safely(args, data, name):
+        return family.INT8_FAILED if outcome == family.TRAINED else family.FAILED
     return outcome
+
+
+def _quantize_safely(args: argparse.Namespace, data: FashionMNIST, name: str) -> bool:
+    try:
+        _quantize_exported(args, data, name)
+    except Exception as error:  # one model's failure must not stop the others
+        print(f"cnnserve-export: {name}: int8 failed: {error}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 # A worker process of `all --jobs N`: its threads and its copy of the data, set up once.
@@ -306,7 +315,7 @@ def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> in
     else:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         outcomes = {r.name or r.model: _export_one(args, data, r) for r in requests}
-    failed = [name for name, outcome in outcomes.items() if outcome == "failed"]
+    failed = [name for name, outcome in outcomes.items() if outcome in family.FAILURES]
     if failed:
         print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -363,14 +372,9 @@ def _run_family(
         )
         if args.quantize:  # once training is over: int8 races float32 on an idle CPU
             torch.set_num_threads(cpus)
-            for name in (
-                r.name or r.model for r in todo if outcomes[r.name or r.model] == "trained"
-            ):
-                try:
-                    _quantize_exported(args, data, name)
-                except Exception as error:  # one model's failure must not stop the others
-                    print(f"cnnserve-export: {name} failed: {error}", file=sys.stderr, flush=True)
-                    outcomes[name] = "failed"
+            for name in [n for n, outcome in outcomes.items() if outcome == family.TRAINED]:
+                if not _quantize_safely(args, data, name):
+                    outcomes[name] = family.INT8_FAILED
     family.record_run(
         root, started_at, time.perf_counter() - started, jobs, threads, args.device, outcomes
     )

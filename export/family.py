@@ -30,6 +30,9 @@ from export.pipeline import ExportRequest
 # `make models` took, which the model table sets against its two-hour budget.
 RUNS_FILE = ".family-runs.json"
 PROBE_STEPS = 2
+# What became of a member in a run.
+TRAINED, SKIPPED, FAILED, INT8_FAILED = "trained", "skipped", "failed", "trained, int8 failed"
+FAILURES = (FAILED, INT8_FAILED)
 TRAIN_IMAGES = 60_000
 
 
@@ -143,7 +146,7 @@ def run_parallel(
                 outcomes[name] = future.result()
             except Exception as error:  # a worker died (killed, out of memory): report, go on
                 tqdm.write(f"cnnserve-export: {name} failed: {error!r}")
-                outcomes[name] = "failed"
+                outcomes[name] = FAILED
             bar.update(1)
         bar.close()
     return outcomes
@@ -159,7 +162,7 @@ def record_run(
     outcomes: dict[str, str],
 ) -> None:
     """Append this run to the repository's run record if it trained anything."""
-    trained = sorted(n for n, o in outcomes.items() if o == "trained")
+    trained = sorted(n for n, o in outcomes.items() if o in (TRAINED, INT8_FAILED))
     if not trained:
         return
     path = root / RUNS_FILE
@@ -172,8 +175,8 @@ def record_run(
             "threads": threads,
             "machine": machine.describe(device),
             "trained": trained,
-            "skipped": sorted(n for n, o in outcomes.items() if o == "skipped"),
-            "failed": sorted(n for n, o in outcomes.items() if o == "failed"),
+            "skipped": sorted(n for n, o in outcomes.items() if o == SKIPPED),
+            "failed": sorted(n for n, o in outcomes.items() if o in FAILURES),
         }
     )
     root.mkdir(parents=True, exist_ok=True)

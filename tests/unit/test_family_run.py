@@ -68,20 +68,25 @@ def test_a_run_is_recorded_only_if_it_trained_something(tmp_path: Path) -> None:
     started = dt.datetime(2026, 11, 26, 10, 0, tzinfo=dt.UTC)
     family.record_run(tmp_path, started, 5.0, 2, 1, "cpu", {"cnn": "skipped"})
     assert family.read_runs(tmp_path) == []
-    outcomes = {"cnn": "trained", "vgg": "failed", "mlp": "skipped"}
+    outcomes = {
+        "cnn": family.TRAINED,
+        "vgg": family.FAILED,
+        "mlp": family.SKIPPED,
+        "alexnet": family.INT8_FAILED,  # trained in this run: its time counts
+    }
     family.record_run(tmp_path, started, 65.25, 2, 1, "cpu", outcomes)
     family.record_run(tmp_path, started, 1.0, 1, 2, "cpu", {"mlp": "trained"})
     runs = family.read_runs(tmp_path)
-    assert [r["trained"] for r in runs] == [["cnn"], ["mlp"]]
+    assert [r["trained"] for r in runs] == [["alexnet", "cnn"], ["mlp"]]
     assert runs[0] | {"machine": "-"} == {
         "started": "2026-11-26T10:00:00+00:00",
         "seconds": 65.2,
         "jobs": 2,
         "threads": 1,
         "machine": "-",
-        "trained": ["cnn"],
+        "trained": ["alexnet", "cnn"],
         "skipped": ["mlp"],
-        "failed": ["vgg"],
+        "failed": ["alexnet", "vgg"],
     }
     (tmp_path / family.RUNS_FILE).write_text(json.dumps({"not": "a list"}))
     with pytest.raises(ValueError, match="expected a list of runs"):
