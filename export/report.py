@@ -127,7 +127,8 @@ def _goal_cell(row: Row) -> str:
 
 
 def _trained(config: dict[str, Any]) -> bool:
-    return bool(config.get("recipe", {}).get("trainable", True)) and config["training"]["epochs"]
+    """Trained rather than fixed (kirsch): its recipe says so and it ran epochs."""
+    return bool(config.get("recipe", {}).get("trainable", True) and config["training"]["epochs"])
 
 
 def _train_cell(config: dict[str, Any]) -> str:
