@@ -10,36 +10,20 @@ Usage: `.venv/bin/python bench/train_layout.py [MODEL ...]`
 from __future__ import annotations
 
 import sys
-import time
 
-import torch
-import torch.nn.functional as F
+from export.family import step_seconds
+from export.pipeline import ExportRequest
+from export.registry import get_entry, list_models
 
-from export.registry import create_model, get_entry, list_models
-
-BATCH = 128
 STEPS = 5
 
 
 def images_per_second(name: str, channels_last: bool) -> float:
-    torch.manual_seed(0)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model(name).train().to(memory_format=layout)
-    x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=layout)
-    y = torch.randint(0, 10, (BATCH,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for step in range(STEPS + 1):
-        if step == 1:  # the first step pays for allocation
-            started = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return STEPS * BATCH / (time.perf_counter() - started)
+    step = step_seconds(ExportRequest(model=name), 2, STEPS, channels_last=channels_last)
+    return get_entry(name).recipe.batch_size / step
 
 
 def main(names: list[str]) -> None:
-    torch.set_num_threads(2)
     print(f"{'model':18} {'NCHW img/s':>11} {'NHWC img/s':>11} {'ratio':>6}")
     for name in names:
         plain, nhwc = images_per_second(name, False), images_per_second(name, True)

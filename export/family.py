@@ -63,8 +63,16 @@ def choose_jobs(requested: int | None, models: int, device: str, cores: int) -> 
     return max(1, min(cores, models))
 
 
-def step_seconds(request: ExportRequest, threads: int, steps: int = PROBE_STEPS) -> float:
-    """Wall time of one training step of `request`'s model and recipe, after a warm step."""
+def step_seconds(
+    request: ExportRequest,
+    threads: int,
+    steps: int = PROBE_STEPS,
+    channels_last: bool | None = None,
+) -> float:
+    """Wall time of one training step of `request`'s model and recipe, after a warm step.
+
+    `channels_last` overrides the recipe's tensor layout (bench/train_layout.py races both).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -75,7 +83,8 @@ def step_seconds(request: ExportRequest, threads: int, steps: int = PROBE_STEPS)
         return 0.0
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    nhwc = recipe.channels_last if channels_last is None else channels_last
+    layout = torch.channels_last if nhwc else torch.contiguous_format
     model = create_model(request.model, **(request.options or {})).train()
     model.to(memory_format=layout)
     x = torch.rand(recipe.batch_size, 1, 28, 28).contiguous(memory_format=layout)
