@@ -338,25 +338,71 @@ def _from_make_models(row: Row) -> bool:
     return not _on_gpu(row.config) and row.config.get("model", name) == name
 
 
+def _json(value: Any) -> str:
+    """Options compared as JSON: a tuple default and a list from model.json are the same."""
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def changed_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The row's model options that differ from its member's defaults."""
+    defaults = inspect.signature(get_entry(config.get("model", config["name"])).factory).parameters
+    return {
+        key: value
+        for key, value in config.get("options", {}).items()
+        if key not in defaults or _json(value) != _json(defaults[key].default)
+    }
+
+
 def train_command(config: dict[str, Any]) -> str:
     """The `cnnserve-export train` command that trains this row again, from its metadata."""
     model = config["model"]
     words = ["cnnserve-export train", f"--model {model}"]
     if config["name"] != model:
         words.append(f"--name {config['name']}")
-    defaults = inspect.signature(get_entry(model).factory).parameters
-    for key, value in config.get("options", {}).items():
-        default = defaults[key].default if key in defaults else None
-        if json.dumps(value) != json.dumps(
-            list(default) if isinstance(default, tuple) else default
-        ):
-            words.append(f"--option {key}={json.dumps(value, separators=(',', ':'))}")
+    words += [f"--option {key}={_json(value)}" for key, value in changed_options(config).items()]
     if config["recipe"]["epochs"] != get_entry(model).recipe.epochs:
         words.append(f"--epochs {config['recipe']['epochs']}")
     device = config["training"].get("device", "cpu")
     if device != "cpu":
         words.append(f"--device {device}")
     return " ".join(words)
+
+
+def earlier_recipe(config: dict[str, Any]) -> list[str]:
+    """How a member `make models` trained differs from what its default would train today."""
+    model = config.get("model", config["name"])
+    default = get_entry(model).recipe.to_dict()
+    changes = [
+        f"{key} {config['recipe'].get(key)!r}, now {value!r}"
+        for key, value in default.items()
+        if config["recipe"].get(key) != value
+    ]
+    defaults = inspect.signature(get_entry(model).factory).parameters
+    changes += [
+        f"{key} {_json(value)}, now {_json(defaults[key].default) if key in defaults else 'gone'}"
+        for key, value in changed_options(config).items()
+    ]
+    return changes
+
+
+def _stale(rows: list[Row]) -> list[str]:
+    """Members trained by an earlier default recipe: the table must not pass them off as today's."""
+    lines = [
+        f"`{row.name}` ({'; '.join(changes)})"
+        for row in rows
+        if _from_make_models(row) and _trained(row.config)
+        for changes in [earlier_recipe(row.config)]
+        if changes
+    ]
+    if not lines:
+        return []
+    return [
+        "Trained by an earlier default recipe than today's, so `make models` would now train "
+        "them differently (remove them from the repository and run it again): "
+        + ", ".join(lines)
+        + ".",
+        "",
+    ]
 
 
 def _apart(rows: list[Row]) -> list[str]:
@@ -432,6 +478,7 @@ def render(
         "",
         *family_time(floats, runs),
         *_recorded(rows),
+        *_stale(floats),
         *_missing(floats),
         *_apart(floats),
         f"![accuracy against MFLOPs]({FIGURES}/accuracy-mflops.png)",

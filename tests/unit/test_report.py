@@ -251,3 +251,33 @@ def test_a_record_that_kept_its_totals_only_renders_without_a_median() -> None:
         "training": {"seconds": 150, "epochs": 40, "device": "cuda", "machine": "H100 (CUDA)"},
     }
     assert report._train_cell(config) == "2.5 min, 40 epochs on H100 (CUDA)"
+
+
+def test_a_member_trained_by_an_earlier_default_recipe_is_named() -> None:
+    recipe = get_entry("googlenet").recipe
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(get_entry("googlenet").factory).parameters.items()
+    }
+    config = {
+        "name": "googlenet",
+        "model": "googlenet",
+        "options": defaults,
+        "recipe": recipe.to_dict(),
+        "training": {"seconds": 60.0, "epochs": recipe.epochs, "history": [{"seconds": 60.0}]},
+    }
+    row = report.Row(config=config, path=Path("googlenet"), served=True)
+    assert report.earlier_recipe(config) == [] and report._stale([row]) == []
+
+    config["recipe"] = {**recipe.to_dict(), "epochs": recipe.epochs - 1}
+    config["options"] = {**defaults, "width": 0.25}
+    assert report.earlier_recipe(config) == [
+        f"epochs {recipe.epochs - 1}, now {recipe.epochs}",
+        f"width 0.25, now {defaults['width']}",
+    ]
+    (line, blank) = report._stale([row])
+    assert line.startswith("Trained by an earlier default recipe than today's") and blank == ""
+    assert f"`googlenet` (epochs {recipe.epochs - 1}, now {recipe.epochs}; width 0.25" in line
+    # A variant under its own name is not what `make models` trains: nothing to flag.
+    wide = report.Row(config={**config, "name": "googlenet-big"}, path=None, served=True)
+    assert report._stale([wide]) == []
