@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -182,7 +183,10 @@ def record_run(
             "seconds": round(seconds, 1),
             "jobs": jobs,
             "threads": threads,
-            "machine": machine.describe(device),
+            # Not machine.describe(): the parent's own torch threads say nothing of the workers'.
+            "machine": machine.describe(device)
+            if device.startswith("cuda")
+            else f"{machine.cpu_model()} ({os.cpu_count()} CPUs)",
             "trained": trained,
             "skipped": sorted(n for n, o in outcomes.items() if o == SKIPPED),
             "failed": sorted(n for n, o in outcomes.items() if o in FAILURES),
