@@ -530,9 +530,9 @@ def write_report(
     figures = docs / FIGURES
     kept = figures / RECORDS
     present = collect(root)
-    rows = with_records(present, records.load(kept))
-    if not rows:
+    if not present:  # records fill in gaps; they do not stand in for a wrong or empty path
         raise ValueError(f"no models in {root}: train some first (make models)")
+    rows = with_records(present, records.load(kept))
     runs = records.merge_runs(records.load_runs(kept), family.read_runs(root))
     data = load_fashion_mnist(data_dir)
     images = (data.test_images[: speed.THROUGHPUT_BATCH, None] / 255.0).astype(np.float32)
@@ -545,22 +545,21 @@ def write_report(
             plots.learning_curve(
                 {**row.config, "goal": row_goal(row)}, figures / f"curve-{row.name}.png"
             )
-    plots.accuracy_against_cost(
-        [
-            {
-                "name": r.name,
-                "mflops": r.config["mflops"],
-                "accuracy": r.accuracy,
-                "throughput": r.speed.throughput,
-                "quantized": "quantization" in r.config,
-                "served": r.served,
-                "family": _from_make_models(r),
-            }
-            for r in rows
-            if r.accuracy is not None and r.speed is not None
-        ],
-        figures / "accuracy-mflops.png",
-    )
+    points = [
+        {
+            "name": r.name,
+            "mflops": r.config["mflops"],
+            "accuracy": r.accuracy,
+            "throughput": r.speed.throughput,
+            "quantized": "quantization" in r.config,
+            "served": r.served,
+            "family": _from_make_models(r),
+        }
+        for r in rows
+        if r.accuracy is not None and r.speed is not None
+    ]
+    if points:  # none where the repository holds feature extractors only
+        plots.accuracy_against_cost(points, figures / "accuracy-mflops.png")
     path = docs / "MODELS.md"
     # A record kept without its history still has the picture drawn when it had one.
     curves = {r.name for r in rows if (figures / f"curve-{r.name}.png").exists()}
