@@ -258,7 +258,7 @@ def _load_data(data_dir: Path | None) -> FashionMNIST | None:
 
 def _export_one(args: argparse.Namespace, data: FashionMNIST, request: ExportRequest) -> str:
     """Train, export and (if asked) quantize one member; its outcome (export/family.py)."""
-    name = request.name or request.model
+    name = request.target
     try:
         if getattr(args, "skip_existing", False) and repository.versions(
             args.model_repository, name
@@ -314,7 +314,7 @@ def _run_training(args: argparse.Namespace, requests: list[ExportRequest]) -> in
         outcomes = _run_family(args, requests, data)
     else:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        outcomes = {r.name or r.model: _export_one(args, data, r) for r in requests}
+        outcomes = {r.target: _export_one(args, data, r) for r in requests}
     failed = [name for name, outcome in outcomes.items() if outcome in family.FAILURES]
     if failed:
         print(f"cnnserve-export: failed: {', '.join(failed)}", file=sys.stderr)
@@ -330,25 +330,19 @@ def _run_family(
 
     root = args.model_repository
     skip = {
-        r.name or r.model
-        for r in requests
-        if args.skip_existing and repository.versions(root, r.name or r.model)
+        r.target for r in requests if args.skip_existing and repository.versions(root, r.target)
     }
-    todo = [r for r in requests if (r.name or r.model) not in skip]
+    todo = [r for r in requests if r.target not in skip]
     cpus = os.cpu_count() or 1
     jobs = family.choose_jobs(args.jobs, max(len(todo), 1), args.device, cpus)
     threads = args.threads or max(1, cpus // jobs)
     torch.set_num_threads(threads)
     started_at, started = dt.datetime.now(dt.UTC), time.perf_counter()
     if jobs == 1:
-        outcomes = {r.name or r.model: _export_one(args, data, r) for r in requests}
+        outcomes = {r.target: _export_one(args, data, r) for r in requests}
     else:
         # Skipped members first, here: they print why, and get a missing int8 variant.
-        outcomes = {
-            r.name or r.model: _export_one(args, data, r)
-            for r in requests
-            if (r.name or r.model) in skip
-        }
+        outcomes = {r.target: _export_one(args, data, r) for r in requests if r.target in skip}
         quiet = [replace(r, progress=False) for r in todo]  # parallel step bars would clash
         planned = family.longest_first(
             [
@@ -359,7 +353,7 @@ def _run_family(
         print(
             f"training {len(planned)} models, {jobs} at a time on {threads} torch thread(s) "
             f"each, longest first: about {family.lanes_finish(planned, jobs) / 60:.0f} min of "
-            f"training steps ({', '.join(p.request.name or p.request.model for p in planned)})",
+            f"training steps ({', '.join(p.request.target for p in planned)})",
             flush=True,
         )
         train_only = argparse.Namespace(**{**vars(args), "quantize": None})

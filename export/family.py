@@ -147,7 +147,7 @@ def run_parallel(
         jobs, mp_context=context, initializer=initializer, initargs=initargs
     ) as pool:
         futures: dict[Future[str], str] = {
-            pool.submit(work, p.request): p.request.name or p.request.model for p in planned
+            pool.submit(work, p.request): p.request.target for p in planned
         }
         bar = tqdm(total=len(futures), desc="family", unit="model", position=0, leave=True)
         for future in as_completed(futures):

@@ -48,6 +48,11 @@ class ExportRequest:
     resume: bool = True
     progress: bool = True
 
+    @property
+    def target(self) -> str:
+        """The repository name this request writes."""
+        return self.name or self.model
+
 
 @dataclass
 class ExportResult:
@@ -138,7 +143,7 @@ def build_config(
 
 def export_model(request: ExportRequest, data: FashionMNIST, root: Path) -> ExportResult:
     """Train (or build, for fixed-weight models), validate, and write a new version."""
-    name = repository.check_name(request.name or request.model)
+    name = repository.check_name(request.target)
     torch.manual_seed(request.seed)  # the initial weights belong to the seed too
     model = create_model(request.model, **(request.options or {}))
     recipe = get_entry(request.model).recipe.override(**(request.recipe or {}))
