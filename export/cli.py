@@ -344,18 +344,8 @@ def _run_family(
         # Skipped members first, here: they print why, and get a missing int8 variant.
         outcomes = {r.target: _export_one(args, data, r) for r in requests if r.target in skip}
         quiet = [replace(r, progress=False) for r in todo]  # parallel step bars would clash
-        planned = family.longest_first(
-            [
-                family.Planned(r, family.planned_seconds(r, family.step_seconds(r, threads)))
-                for r in quiet
-            ]
-        )
-        print(
-            f"training {len(planned)} models, {jobs} at a time on {threads} torch thread(s) "
-            f"each, longest first: about {family.lanes_finish(planned, jobs) / 60:.0f} min of "
-            f"training steps ({', '.join(p.request.target for p in planned)})",
-            flush=True,
-        )
+        planned = family.plan(quiet, threads)
+        print(family.describe_plan(planned, jobs, threads), flush=True)
         train_only = argparse.Namespace(**{**vars(args), "quantize": None})
         outcomes |= family.run_parallel(
             partial(_worker_export, train_only),

@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from export import machine
+from export import machine, records
 from export.pipeline import ExportRequest
 
 # Appended to by every `cnnserve-export all` run that trained something: the wall time that
@@ -114,6 +114,22 @@ def planned_seconds(request: ExportRequest, step: float) -> float:
     return steps * step
 
 
+def plan(requests: list[ExportRequest], threads: int) -> list[Planned]:
+    """Each member's training time from two measured steps on `threads`, longest first."""
+    return longest_first(
+        [Planned(r, planned_seconds(r, step_seconds(r, threads))) for r in requests]
+    )
+
+
+def describe_plan(planned: list[Planned], jobs: int, threads: int) -> str:
+    """The plan's one line: lanes, threads, predicted minutes, the order."""
+    return (
+        f"training {len(planned)} models, {jobs} at a time on {threads} torch thread(s) each, "
+        f"longest first: about {lanes_finish(planned, jobs) / 60:.0f} min of training steps "
+        f"({', '.join(p.request.target for p in planned)})"
+    )
+
+
 def longest_first(planned: list[Planned]) -> list[Planned]:
     """Longest predicted training first; ties keep the family's order."""
     return sorted(planned, key=lambda p: -p.seconds)
@@ -199,11 +215,5 @@ def record_run(
 
 
 def read_runs(root: Path) -> list[dict[str, Any]]:
-    """The recorded `cnnserve-export all` runs, oldest first ([] when there are none)."""
-    path = root / RUNS_FILE
-    if not path.exists():
-        return []
-    runs = json.loads(path.read_text())
-    if not isinstance(runs, list):
-        raise ValueError(f"{path}: expected a list of runs")
-    return runs
+    """The repository's recorded `cnnserve-export all` runs, oldest first ([] when none)."""
+    return records.read_runs(root / RUNS_FILE)

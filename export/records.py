@@ -38,10 +38,22 @@ def load(folder: Path) -> list[tuple[dict[str, Any], bool]]:
     return kept
 
 
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    """A list of `cnnserve-export all` runs from `path`, oldest first ([] when it is absent).
+
+    One reader for both copies: the repository's `.family-runs.json` and the one kept here.
+    """
+    if not path.exists():
+        return []
+    runs = json.loads(path.read_text())
+    if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+        raise ValueError(f"{path}: expected a list of runs")
+    return runs
+
+
 def load_runs(folder: Path) -> list[dict[str, Any]]:
     """The kept `cnnserve-export all` runs ([] when none are kept)."""
-    path = folder / RUNS
-    return json.loads(path.read_text()) if path.exists() else []
+    return read_runs(folder / RUNS)
 
 
 def save_runs(folder: Path, runs: list[dict[str, Any]]) -> None:

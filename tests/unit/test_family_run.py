@@ -60,6 +60,17 @@ def test_longest_first_and_when_the_lanes_finish() -> None:
     # b | c, then d after c (30), e after b (40), a after d (50): done at 60
     assert family.lanes_finish(ordered, 2) == 60.0
     assert family.lanes_finish(ordered, 1) == 120.0
+    assert family.describe_plan(ordered, 2, 1) == (
+        "training 5 models, 2 at a time on 1 torch thread(s) each, longest first: "
+        "about 1 min of training steps (b, c, d, e, a)"
+    )
+
+
+def test_the_plan_measures_each_member_and_puts_the_longest_first() -> None:
+    quick = [ExportRequest(model=m, max_steps=5) for m in ("kirsch", "logreg", "lenet5")]
+    planned = family.plan(quick, threads=1)
+    assert [p.request.model for p in planned] == ["lenet5", "logreg", "kirsch"]
+    assert planned[-1].seconds == 0.0 and planned[0].seconds > planned[1].seconds > 0.0
 
 
 def test_a_run_is_recorded_only_if_it_trained_something(tmp_path: Path) -> None:

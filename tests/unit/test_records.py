@@ -34,3 +34,9 @@ def test_runs_merge_once_each_oldest_first() -> None:
     b = {"started": "2026-11-25T10:00:00+00:00", "seconds": 2.0}
     assert records.merge_runs([a], [b, a]) == [b, a]
     assert records.merge_runs([], []) == []
+
+
+def test_a_run_list_that_is_not_a_list_of_runs_is_named(tmp_path: Path) -> None:
+    (tmp_path / records.RUNS).write_text(json.dumps([{"started": "x"}, 3]))
+    with pytest.raises(ValueError, match=f"{records.RUNS}: expected a list of runs"):
+        records.load_runs(tmp_path)
