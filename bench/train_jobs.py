@@ -6,6 +6,11 @@ leaves part of both cores waiting, while two single-threaded trainings keep both
 model is measured both ways in one run (the same steps and batch, the recipe's own batch
 size), so compare the ratio, not the absolute figures (the machine is shared).
 
+The last column is what the recipe's training steps take on this machine when the model
+trains alone on all cores (its epochs x 60,000 images at the first column's rate, evaluation
+not included): the per-model budget of issue 6 is about this figure, while `make models`
+runs two members side by side, each slower but both cores busy.
+
 Usage: `.venv/bin/python bench/train_jobs.py [--steps N] [MODEL ...]`
 """
 
@@ -19,6 +24,8 @@ import sys
 from export.family import step_seconds
 from export.pipeline import ExportRequest
 from export.registry import get_entry, list_models
+
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training set, one epoch
 
 
 def run_workers(names: list[str], threads: int, steps: int) -> list[float]:
@@ -54,11 +61,15 @@ def main() -> None:
     ]
     print(f"{cores} cores, {args.steps} training steps per figure")
     together, apart = f"1 job x {cores} threads", f"{cores} jobs x 1 thread"
-    print(f"{'model':18} {together:>20} {apart:>20} {'ratio':>6}")
+    print(f"{'model':18} {together:>20} {apart:>20} {'ratio':>6} {'recipe alone':>14}")
     for name in names:
         one = run_workers([name], cores, args.steps)[0]
         many = sum(run_workers([name] * cores, 1, args.steps))
-        print(f"{name:18} {one:14.0f} img/s {many:14.0f} img/s {many / one:6.2f}", flush=True)
+        alone = get_entry(name).recipe.epochs * TRAIN_IMAGES / one / 60
+        print(
+            f"{name:18} {one:14.0f} img/s {many:14.0f} img/s {many / one:6.2f} {alone:10.1f} min",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
