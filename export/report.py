@@ -226,6 +226,12 @@ def family_time(rows: list[Row], runs: list[dict[str, Any]]) -> list[str]:
             f"`cnnserve-export all` to its end, int8 variants included, as recorded in the "
             f"repository's `{family.RUNS_FILE}` ({how}): {verdict} {budget}.",
         ]
+        if any(run["jobs"] > 1 for run in covering):
+            lines[-1] += (
+                " The training column is each member's time in its lane, beside another "
+                "member on the other cores; a member alone on all cores trains faster "
+                "(`bench/train_jobs.py` prints each recipe's time alone)."
+            )
     return [*lines, ""]
 
 

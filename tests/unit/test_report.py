@@ -201,7 +201,10 @@ def test_the_budget_is_the_recorded_wall_time_of_the_runs_that_trained_the_famil
     lines = report.family_time(rows, runs)
     assert "**`make models` wall time: 90.0 min**" in lines[2]
     assert "2026-11-26 10:00 UTC, 2 at a time on 1 torch thread(s) each" in lines[2]
-    assert lines[2].endswith("within the 2-hour budget for `make models`.")
+    assert "within the 2-hour budget for `make models`. The training column" in lines[2]
+    assert lines[2].endswith("(`bench/train_jobs.py` prints each recipe's time alone).")
+    alone = [{**run, "jobs": 1} for run in runs]
+    assert report.family_time(rows, alone)[2].endswith("the 2-hour budget for `make models`.")
     runs[2]["seconds"] = 7000.0
     assert "**over** the 2-hour budget" in report.family_time(rows, runs)[2]
 
