@@ -206,6 +206,32 @@ def test_goals_are_judged_from_the_figures() -> None:
     assert met["resident memory with the whole family loaded"] is None
 
 
+def test_each_goal_carries_the_bound_the_grpc_floor_sets() -> None:
+    data = synthetic()
+    data["points"].append(point("floor-sync", "lenet5 x1", 1, summary(2000.0, 0.4, 0.9, 0.5)))
+    data["points"].append(point("floor", "lenet5 x1", 1, summary(1800.0, 0.7, 1.2, 0.6)))
+    by_name = {g["goal"]: g for g in goals.compute(data)}
+    # 2 cores / (1.0 raw + 0.25 floor + 0.5 client) ms per image = 1,143 img/s, 1.14 x 1,000
+    speed = by_name["resnet, concurrency 32: throughput"]
+    assert (speed["reach"], speed["reachable"]) == ("1.14 x (1,143 img/s)", True)
+    # 1,000 / (1.0 + 0.25) = 800 images per server CPU-second, under 0.85 x raw's 1,000
+    thrift = by_name["resnet, concurrency 32: images per server CPU-second"]
+    assert (thrift["reach"], thrift["reachable"]) == ("0.80 x (800)", False)
+    # 2 / (0.025 + 0.24 + 0.5) = 2,614 img/s: 2.61 x naive's 1,000, 2.18 x Triton's 1,200
+    assert by_name["lenet5, concurrency 32: vs the naive baseline"]["reachable"] is True
+    triton = by_name["lenet5, concurrency 32: vs Triton"]
+    assert (triton["reach"], triton["reachable"]) == ("2.18 x (2,614 img/s)", False)
+    assert by_name["lenet5, batches of 32 per request"]["reachable"] is False  # 3,738 img/s
+    idle = by_name["lenet5, concurrency 1: p50 latency"]  # the cheaper floor's round trip
+    assert (idle["reach"], idle["reachable"]) == ("+0.40 ms (the floor's round trip)", True)
+    assert "reach" not in by_name["resnet, concurrency 1: p50 latency"]  # no floor measured
+    assert "reach" not in by_name["resnet: overhead of asking for the stage-1 map"]
+    text = report.render(data | {"goals": list(by_name.values())})
+    assert "**2 of the 3 missed goals are out of reach on this machine" in text
+    assert "| 0.80 x (800): **out of reach** |" in text
+    assert "| met | 0.09 x (3,738 img/s) |" in text  # met: the bound was too low, not the goal
+
+
 def test_unmeasured_goals_are_not_run_never_guessed() -> None:
     data = synthetic()
     data["points"] = [p for p in data["points"] if p["system"] != "triton"]
