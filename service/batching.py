@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -341,8 +342,10 @@ def _split(results: dict[str, np.ndarray], sizes: list[int]) -> list[dict[str, n
             raise InferenceFailed(
                 f"output {name} has {len(value)} rows for a batch of {total} images"
             )
-    bounds = np.cumsum([0, *sizes])
+    if len(sizes) == 1:  # a lone request (every inline one) takes the batch whole
+        return [results]
+    bounds = [0, *itertools.accumulate(sizes)]
     return [
         {name: value[start:end] for name, value in results.items()}
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        for start, end in itertools.pairwise(bounds)
     ]

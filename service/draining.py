@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
-
-from service.security import HEALTH_METHODS, rejecting_handler
 
 QUIET_SECONDS = 0.2  # no new call for this long before the port closes
 POLL_SECONDS = 0.02
@@ -48,13 +46,22 @@ def _behavior_of(handler: grpc.RpcMethodHandler) -> Behavior:
     )
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
-    """Counts calls in progress; once draining, refuses new ones (health checks excepted)."""
+class DrainGate:
+    """Counts calls in progress; once draining, refuses new ones (health checks excepted).
+
+    Not an interceptor: grpc.aio awaits every interceptor on every call, which cost about
+    35 us of CPU per call here (a tenth of a tiny model's whole call), so the gate wraps each
+    method's handler once, when it is registered (`registrar`), and checks a flag per call.
+    """
 
     def __init__(self) -> None:
         self.draining = False
         self.inflight = 0
         self.last_arrival = time.monotonic()
+
+    def registrar(self, server: grpc.aio.Server) -> Registrar:
+        """What to pass to `add_*Servicer_to_server` in place of `server` to gate a service."""
+        return Registrar(server, self)
 
     def start(self) -> None:
         """From now on, new calls are refused with UNAVAILABLE."""
@@ -80,11 +87,15 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
     def _exit(self) -> None:
         self.inflight -= 1
 
-    def _counted(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def gated(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler`, counted while it runs and refused with UNAVAILABLE once draining."""
         behavior = _behavior_of(handler)
         if handler.response_streaming:
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                self.last_arrival = time.monotonic()
+                if self.draining:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 self._enter()
                 try:
                     result = behavior(request, context)
@@ -102,6 +113,9 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
             return _same_kind(handler, stream)
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.last_arrival = time.monotonic()
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             self._enter()
             try:
                 result = behavior(request, context)
@@ -111,16 +125,35 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
 
         return _same_kind(handler, unary)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+
+class _GatedGeneric(grpc.GenericRpcHandler):
+    """A generic handler whose every method handler is gated, each wrapped once."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, gate: DrainGate) -> None:
+        self.inner = inner
+        self.gate = gate
+        self.cache: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or method in HEALTH_METHODS:
-            return handler
-        self.last_arrival = time.monotonic()
-        if self.draining:
-            return rejecting_handler(handler, grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        return self._counted(handler)
+        if method not in self.cache:
+            handler = self.inner.service(handler_call_details)
+            self.cache[method] = None if handler is None else self.gate.gated(handler)
+        return self.cache[method]
+
+
+class Registrar:
+    """Stands in for the server when a service registers: its handlers come back gated."""
+
+    def __init__(self, server: grpc.aio.Server, gate: DrainGate) -> None:
+        self.server = server
+        self.gate = gate
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers([_GatedGeneric(h, self.gate) for h in handlers])
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        gated = {name: self.gate.gated(h) for name, h in method_handlers.items()}
+        self.server.add_registered_method_handlers(service_name, gated)

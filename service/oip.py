@@ -178,7 +178,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _requested(self, entry: ModelVersion, outputs: Any) -> list[Requested]:
         """Outputs by exact name, or the model's defaults; a bad one lists the valid names."""
-        valid = [o.name for o in model_outputs(entry)]
+        valid = entry.output_names
         if not outputs:
             defaults = entry.config.get("default_outputs") or valid
             return [Requested(name) for name in defaults]

@@ -65,6 +65,8 @@ class ModelVersion:
     batcher: Batcher | None = None
     load_seconds: float | None = None
     feature_names: tuple[str, ...] = field(default=())
+    # Class outputs, then feature outputs: every name a request may ask for, read once.
+    output_names: tuple[str, ...] = field(default=())
 
     @property
     def provider(self) -> str:
@@ -155,6 +157,8 @@ class ModelRepository:
         try:
             entry.config = json.loads((folder / CONFIG_FILE).read_text())
             entry.feature_names = tuple(f["name"] for f in entry.config.get("features", []))
+            outputs = tuple(o["name"] for o in entry.config.get("outputs", []))
+            entry.output_names = outputs + entry.feature_names
         except (OSError, ValueError, KeyError, TypeError) as error:
             entry.state, entry.reason = State.FAILED, f"unreadable {CONFIG_FILE}: {error}"
         self.models.setdefault(name, {})[version] = entry

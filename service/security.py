@@ -124,8 +124,7 @@ def rejecting_handler(
 ) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the call with `code` and `message`.
 
-    It takes raw bytes in and out, so a refused request is never parsed. Shared by the token
-    check here and the shutdown drain (service/draining.py).
+    It takes raw bytes in and out, so a refused request is never parsed.
     """
 
     async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:

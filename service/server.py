@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from service import metrics, security
 from service.config import MiB, Settings
-from service.draining import DrainInterceptor
+from service.draining import DrainGate
 from service.oip import OipServicer
 from service.polling import RepositoryPoller
 from service.proto import cnnserve_pb2, cnnserve_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
@@ -86,7 +86,7 @@ class Server:
         self._metrics_server: metrics.MetricsServer | None = None
         self._stopping = False
         self._poller: asyncio.Task[None] | None = None
-        self.drain = DrainInterceptor()
+        self.drain = DrainGate()
 
     def _model_changed(self, entry: ModelVersion) -> None:
         """A model is SERVING while any of its versions is ready (an old one during a reload)."""
@@ -107,19 +107,24 @@ class Server:
         credentials = security.server_credentials(self.settings)
         self.repository.scan()
         server = grpc.aio.server(
-            # The drain check first: during shutdown even unauthenticated calls get its answer.
-            interceptors=[self.drain, *security.interceptors(self.settings, tokens)],
+            interceptors=security.interceptors(self.settings, tokens) or None,
             options=grpc_options(self.settings),
         )
+        # Every service but health goes through the drain gate: health checks must still
+        # answer (NOT_SERVING) while the server drains.
+        gated = self.drain.registrar(server)
         cnnserve_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.repository, self.settings, self.decoder), server
+            InferenceServicer(self.repository, self.settings, self.decoder), gated
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OipServicer(self.repository, self.settings), server
+            OipServicer(self.repository, self.settings), gated
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self._services(), health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        # What reflection.enable_server_reflection does for an aio server, through the gate.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names), gated
+        )
         address = f"{self.settings.grpc_address}:{self.settings.grpc_port}"
         try:
             if credentials is None:
