@@ -283,15 +283,18 @@ def from_pixel_batch(data: Sequence[bytes], invert: Invert = Invert.AUTO) -> np.
     """
     count = len(data)
     luma = np.frombuffer(b"".join(data), dtype=np.uint8).reshape(count, SIZE, SIZE)
-    if invert is Invert.AUTO:
-        frame = luma.sum(axis=(1, 2), dtype=np.uint64) - luma[:, 1:-1, 1:-1].sum(
-            axis=(1, 2), dtype=np.uint64
-        )
-        flip = frame / (4 * SIZE - 4) > 127.5
+    if invert is Invert.AUTO:  # the frame's mean, from its four edges alone
+        edges = (luma[:, 0, :], luma[:, -1, :], luma[:, 1:-1, 0], luma[:, 1:-1, -1])
+        frame = sum(edge.sum(axis=1, dtype=np.int64) for edge in edges)
+        flip = np.asarray(frame) / (4 * SIZE - 4) > 127.5
     else:
         flip = np.full(count, invert is Invert.YES)
-    out = _SCALED[luma]  # the same tables as one image's path: one definition of the scaling
-    out[flip] = _SCALED_INVERTED[luma[flip]]
+    if flip.any():
+        luma = np.where(flip[:, None, None], np.uint8(255) - luma, luma)
+    # Convert and divide: the very values of the one-image tables (_SCALED), at a batch's size
+    # several times faster than a gather through them.
+    out = luma.astype(np.float32)
+    out /= np.float32(255.0)
     return out.reshape(count, *_SHAPE)
 
 

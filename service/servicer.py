@@ -286,18 +286,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         probabilities = outputs["probabilities"]
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k].tolist()
         rows = probabilities.tolist()  # Python floats in one call, not one per value
-        results = []
-        for i, row in enumerate(rows):
-            result = pb.Classification(
-                top_k=[
-                    pb.ClassScore(index=c, label=labels[c], probability=row[c]) for c in order[i]
-                ],
-                probabilities=row,
-            )
+        # Messages built in place: passing built ones to a constructor copies each of them.
+        response = pb.ClassifyResponse(model=entry.name, version=entry.version)
+        add_result = response.results.add
+        for i, (row, best) in enumerate(zip(rows, order, strict=True)):
+            result = add_result(probabilities=row)
+            add_score = result.top_k.add
+            for c in best:
+                add_score(index=c, label=labels[c], probability=row[c])
             if features:
                 result.features.extend(feature_maps(outputs, features, i, dtype, tag))
-            results.append(result)
-        return pb.ClassifyResponse(model=entry.name, version=entry.version, results=results)
+        return response
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> Any:
         return await self._observed("Classify", request, context, self._classify)
