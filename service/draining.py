@@ -132,14 +132,17 @@ class _GatedGeneric(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler, gate: DrainGate) -> None:
         self.inner = inner
         self.gate = gate
-        self.cache: dict[str, grpc.RpcMethodHandler | None] = {}
+        self.cache: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method  # type: ignore[attr-defined]
-        if method not in self.cache:
+        gated = self.cache.get(method)
+        if gated is None:
             handler = self.inner.service(handler_call_details)
-            self.cache[method] = None if handler is None else self.gate.gated(handler)
-        return self.cache[method]
+            if handler is None:
+                return None  # not ours: unknown names are not remembered, or they would pile up
+            gated = self.cache[method] = self.gate.gated(handler)
+        return gated
 
 
 class Registrar:

@@ -78,6 +78,7 @@ def test_registration_wraps_each_handler_once() -> None:
     first = generic.service(Details("/svc/Ping"))  # type: ignore[arg-type]
     assert first is generic.service(Details("/svc/Ping"))  # type: ignore[arg-type]
     assert generic.service(Details("/svc/Nope")) is None  # type: ignore[arg-type]
+    assert list(generic.cache) == ["/svc/Ping"]  # type: ignore[attr-defined]
     gate.start()
     context = Context()
     with pytest.raises(Aborted):
