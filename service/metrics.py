@@ -45,7 +45,6 @@ DURATION_BUCKETS = tuple(round(m * 10.0**e, 6) for e in range(-4, 1) for m in (1
 BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(10))  # 1, 2, 4, ..., 512
 
 _MV = ("model", "version")
-_S = DURATION_BUCKETS
 
 # `*_created` gauges would double the series for a timestamp nothing here reads.
 disable_created_metrics()  # type: ignore[no-untyped-call]
