@@ -50,8 +50,9 @@ _MV = ("model", "version")
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # The series every request feeds (requests, durations, batches, images, in flight) are not
-# prometheus_client objects: each of those takes its own lock and validates on every update,
-# which cost about 30 us of CPU per request here, a quarter of a tiny model's handler. They are
+# prometheus_client objects: each of those takes its own lock and validates on every update
+# (server CPU per call x0.96 without them, lenet5 at concurrency 32:
+# bench/results/changes/2026-11-27-request-series-without-prometheus-locks.json). They are
 # plain numbers in `_Series`, updated under the one lock that guards the Triton table, and
 # `_HotCollector` turns them into the same families at scrape time.
 HOT_FAMILIES = {
@@ -243,17 +244,33 @@ class _HotCollector(Collector):
 REGISTRY.register(_HotCollector())
 
 
+def _series_of(key: tuple[str, str]) -> _Series:
+    """A model version's request-path series, made on first use; call under `_lock`."""
+    series = _series.get(key)
+    if series is None:  # not setdefault: that would build a throwaway _Series on every call
+        series = _series[key] = _Series()
+    return series
+
+
+def _totals_of(key: tuple[str, str]) -> _Totals:
+    """A model version's Triton totals, made on first use; call under `_lock`."""
+    totals = _totals.get(key)
+    if totals is None:
+        totals = _totals[key] = _Totals()
+    return totals
+
+
 def observe_request(model: str, version: str, method: str, code: str, seconds: float) -> None:
     """One call at the end of each request feeds the request, duration and Triton series."""
     key = (model, version)
     with _lock:
-        series = _series.get(key) or _series.setdefault(key, _Series())
+        series = _series_of(key)
         series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
         histogram = series.durations.get(method)
         if histogram is None:
             histogram = series.durations[method] = _Histogram(DURATION_BUCKETS)
         histogram.observe(seconds)
-        totals = _totals.get(key) or _totals.setdefault(key, _Totals())
+        totals = _totals_of(key)
         if code == "OK":
             totals.success_count += 1
             totals.success_ns += round(seconds * 1e9)
@@ -268,14 +285,14 @@ def observe_batch(
     """The batcher reports a batch that ran: its size, each request's wait and the run time."""
     key = (model, version)
     with _lock:
-        series = _series.get(key) or _series.setdefault(key, _Series())
+        series = _series_of(key)
         series.images += images
         series.batches += 1
         series.batch_size.observe(images)
         series.inference.observe(inference_seconds)
         for waited in queue_seconds:
             series.queue.observe(waited)
-        totals = _totals.get(key) or _totals.setdefault(key, _Totals())
+        totals = _totals_of(key)
         totals.inference_count += images
         totals.execution_count += 1
         totals.queue_count += len(queue_seconds)
@@ -301,7 +318,7 @@ def track_inflight(model: str, version: str) -> Iterator[None]:
     """Counts a request as in flight for the duration of the block, however it ends."""
     key = (model, version)
     with _lock:
-        series = _series.get(key) or _series.setdefault(key, _Series())
+        series = _series_of(key)
         series.inflight += 1
     try:
         yield

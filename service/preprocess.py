@@ -230,23 +230,19 @@ def _fit(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-# Every 8-bit value's model input, plain and inverted: a 28 x 28 image without alpha needs no
-# resizing, so one table lookup gives the same float32 values as subtract, convert and divide.
-_SCALED = np.arange(256, dtype=np.float32) / np.float32(255.0)
-_SCALED_INVERTED = (np.float32(255.0) - np.arange(256, dtype=np.float32)) / np.float32(255.0)
+def _unit(pixels: np.ndarray) -> np.ndarray:
+    """8-bit values as float32 in [0, 1]: the one definition of the scaling, for every path."""
+    out = pixels.astype(np.float32)
+    out /= np.float32(255.0)
+    return out
 
 
 def _to_input(luma: np.ndarray, alpha: np.ndarray | None, invert: Invert) -> np.ndarray:
     """Steps 5 to 8, shared by encoded images and raw pixels."""
-    if alpha is None and luma.shape == (SIZE, SIZE):
-        table = _SCALED_INVERTED if _should_invert(luma, None, invert) else _SCALED
-        return table[luma].reshape(_SHAPE)
     pixels = np.subtract(np.uint8(255), luma) if _should_invert(luma, alpha, invert) else luma
     if alpha is not None:  # composite onto black: transparent is always ground
         pixels = ((pixels.astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
-    out = _fit(pixels).astype(np.float32)
-    out /= np.float32(255.0)
-    return out.reshape(_SHAPE)
+    return _unit(_fit(pixels)).reshape(_SHAPE)
 
 
 def from_encoded(
@@ -291,11 +287,7 @@ def from_pixel_batch(data: Sequence[bytes], invert: Invert = Invert.AUTO) -> np.
         flip = np.full(count, invert is Invert.YES)
     if flip.any():
         luma = np.where(flip[:, None, None], np.uint8(255) - luma, luma)
-    # Convert and divide: the very values of the one-image tables (_SCALED), at a batch's size
-    # several times faster than a gather through them.
-    out = luma.astype(np.float32)
-    out /= np.float32(255.0)
-    return out.reshape(count, *_SHAPE)
+    return _unit(luma).reshape(count, *_SHAPE)
 
 
 # numpy dtype for each accepted name: ours, and KServe v2's datatype names.
@@ -345,9 +337,7 @@ def from_tensor(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
         )
     values = np.frombuffer(data, dtype=numpy_dtype).reshape(_SHAPE)
     if numpy_dtype.kind == "u":
-        out = values.astype(np.float32)
-        out /= np.float32(255.0)
-        return out
+        return _unit(values)
     if not np.isfinite(values).all():
         raise InvalidImage("tensor contains NaN or infinity")
     low, high = float(values.min()), float(values.max())
@@ -389,9 +379,7 @@ def from_batch(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
         )
     values = np.frombuffer(data, dtype=numpy_dtype).reshape(count, *_SHAPE)
     if numpy_dtype.kind == "u":
-        out = values.astype(np.float32)
-        out /= np.float32(255.0)
-        return out
+        return _unit(values)
     low, high = values.min(), values.max()  # NaN propagates, infinity shows as a bound
     if not (np.isfinite(low) and np.isfinite(high)):
         bad = int(np.flatnonzero(~np.isfinite(values).reshape(count, -1).all(axis=1))[0])

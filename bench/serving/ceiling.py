@@ -17,19 +17,31 @@ from typing import Any
 FLOORS = ("floor", "floor-sync")
 
 
-def cheapest_floor(
-    data: dict[str, Any], work: str, concurrency: int | None = None
-) -> dict[str, Any] | None:
-    """The floor point with the least server CPU per image (at `concurrency`, else at any)."""
-    found = [
+def _floors(
+    data: dict[str, Any], work: str, concurrency: int | None, figure: str
+) -> list[dict[str, Any]]:
+    """The floors' summaries of `work` (at `concurrency`, else at any) that measured `figure`."""
+    return [
         p["summary"]
         for p in data.get("points", [])
         if p["system"] in FLOORS
         and p["workload"] == work
         and (concurrency is None or p["concurrency"] == concurrency)
-        and p["summary"].get("server_cpu_s_per_1000")
+        and p["summary"].get(figure) is not None
     ]
+
+
+def cheapest_floor(
+    data: dict[str, Any], work: str, concurrency: int | None = None
+) -> dict[str, Any] | None:
+    """The floor point with the least server CPU per image (at `concurrency`, else at any)."""
+    found = _floors(data, work, concurrency, "server_cpu_s_per_1000")
     return min(found, key=lambda s: s["server_cpu_s_per_1000"], default=None)
+
+
+def round_trip(data: dict[str, Any], work: str, concurrency: int) -> float | None:
+    """The fastest floor's p50: a call that does no work at all already takes this long."""
+    return min((s["p50"] for s in _floors(data, work, concurrency, "p50")), default=None)
 
 
 def throughput(

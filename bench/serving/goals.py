@@ -155,17 +155,9 @@ def idle_latency(
     extra = mine["p50"] - one["p50"]
     measured = f"{mine['p50']:.2f} ms vs {one['p50']:.2f} ms (+{extra:.2f} ms)"
     verdict = goal(name, target, measured, extra <= 0.5)
-    floors = [
-        p["summary"]["p50"]
-        for p in data.get("points", [])
-        if p["system"] in ceiling.FLOORS
-        and (p["workload"], p["concurrency"]) == (f"{model} x1", low)
-        and p["summary"].get("p50") is not None
-    ]
-    if not floors:
+    trip = ceiling.round_trip(data, f"{model} x1", low)
+    if trip is None:
         return verdict
-    # A round trip that does no work at all already costs the floor's p50.
-    trip = min(floors)
     return ceiling.attach(verdict, f"+{trip:.2f} ms (the floor's round trip)", trip <= 0.5)
 
 
