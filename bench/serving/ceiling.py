@@ -44,6 +44,13 @@ def round_trip(data: dict[str, Any], work: str, concurrency: int) -> float | Non
     return min((s["p50"] for s in _floors(data, work, concurrency, "p50")), default=None)
 
 
+def paired_overhead(data: dict[str, Any], work: str, concurrency: int) -> float | None:
+    """The least a floor paid for a paired workload's extra outputs: sending their bytes alone,
+    with no inference and no serving code, already costs this much."""
+    found = _floors(data, work, concurrency, "paired_overhead_ms")
+    return min((s["paired_overhead_ms"] for s in found), default=None)
+
+
 def throughput(
     data: dict[str, Any], limit: dict[str, Any], floor: dict[str, Any], client_cpu: float | None
 ) -> float:

@@ -81,11 +81,16 @@ def _spread(figure: dict[str, Any]) -> str:
 def _row(c: dict[str, Any]) -> list[str]:
     st, s = c["settings"], c["summary"]
     images = st["images_per_request"]
+    feature = st.get("feature")
+    paired = ""
+    if feature and s.get("paired_overhead_ms"):
+        overhead = _before_after(s["paired_overhead_ms"], ratio=False)
+        paired = f", calls with and without `{feature}` alternating: its overhead {overhead} ms"
     return [
         str(c["date"]),
         _cell(_change(c)),
         f"{st['model']} {st['system']}, concurrency {st['concurrency']}, "
-        f"{images} image{'s' if images != 1 else ''} per request",
+        f"{images} image{'s' if images != 1 else ''} per request{paired}",
         _before_after(s["images_per_s"]),
         _before_after(s["p50"], ratio=False),
         _before_after(s["p99"], ratio=False),

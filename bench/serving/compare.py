@@ -56,6 +56,8 @@ FIGURES = (
     ("p99", "p99", "ms"),
     ("cpu_ms_per_call", "server CPU/call", "ms"),
     ("server_cpu_s_per_1000", "server CPU/1,000 img", "s"),
+    # --feature only: p50 of the calls asking for the map minus p50 of those that do not
+    ("paired_overhead_ms", "feature map overhead", "ms"),
 )
 
 
@@ -75,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight")
     parser.add_argument("--images-per-request", type=int, default=1)
+    parser.add_argument(
+        "--feature",
+        default="",
+        help="a feature output, e.g. features.layer1: calls alternate between asking for it "
+        "beside the probabilities and not, and what it costs is measured in each run",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured load per side")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured load first (s)")
@@ -247,15 +255,15 @@ def one_line(rev: str, commit: str, settings: dict[str, Any], summary: dict[str,
         before, after = number(s["before"], s["after"]), number(s["after"], s["before"])
         return f"{label} {before} -> {after} {unit}{shown}"
 
+    feature = settings.get("feature")
     point = (
         f"{settings['model']} {settings['system']} c={settings['concurrency']} "
-        f"x{settings['images_per_request']} img"
+        f"x{settings['images_per_request']} img" + (f" ± {feature}" if feature else "")
     )
-    figures = ", ".join(
-        change(k, label, unit)
-        for k, label, unit in FIGURES
-        if k in ("images_per_s", "p99", "cpu_ms_per_call")
+    shown = ("images_per_s", "p99", "cpu_ms_per_call") + (
+        ("paired_overhead_ms",) if feature else ()
     )
+    figures = ", ".join(change(k, label, unit) for k, label, unit in FIGURES if k in shown)
     n = settings["rounds"]
     rounds = f"{n} round{'s' if n != 1 else ''} of {settings['seconds']:g} s"
     return f"bench.serving.compare {rev} ({commit}): {point}: {figures}, {rounds}"
@@ -263,7 +271,8 @@ def one_line(rev: str, commit: str, settings: dict[str, Any], summary: dict[str,
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """What was measured, for the JSON and the summary line; server flags split as a shell would."""
-    names = ("model", "system", "concurrency", "images_per_request", "seconds", "rounds")
+    names = ("model", "system", "concurrency", "images_per_request", "feature", "seconds")
+    names += ("rounds",)
     return {k: getattr(args, k) for k in names} | {
         "warmup_s": args.warmup,
         "server_args": shlex.split(args.server_args),
@@ -331,8 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.logs.resolve()
     workload.export(repository, (args.model,))
     name = f"{args.model} x{args.images_per_request}"
+    outputs = ("probabilities", args.feature) if args.feature else ("probabilities",)
     work = Workload(
-        name, args.model, args.images_per_request, ("probabilities",), (args.concurrency,)
+        name + (f" ± {args.feature}" if args.feature else ""),
+        args.model,
+        args.images_per_request,
+        outputs,
+        (args.concurrency,),
+        paired=bool(args.feature),
     )
     settings = settings_of(args)
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

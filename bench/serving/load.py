@@ -38,10 +38,11 @@ class Load:
     timeout: float  # every call's deadline, seconds
     images: int  # per request
     method: str = ""  # grpc: the full method name
-    payloads: tuple[bytes, ...] = ()  # grpc: serialized requests
+    payloads: tuple[bytes, ...] = ()  # grpc: serialized requests, payload i of kind i % kinds
     model: str = ""  # tritonclient: the model to call
     arrays: tuple[np.ndarray, ...] = ()  # tritonclient: uint8 N x 28 x 28 inputs
-    outputs: tuple[str, ...] = ()  # tritonclient: outputs to ask for
+    outputs: tuple[tuple[str, ...], ...] = ()  # tritonclient: the outputs of each kind of call
+    kinds: int = 1  # each worker's calls take the kinds in turn; the record says which
     check_every: int = 50
 
 
@@ -69,9 +70,9 @@ class _Loop:
         self.checked = self.wrong = 0
         self.began = self.ended = 0.0
 
-    def record(self, started: float, code: int) -> bool:
+    def record(self, started: float, turn: int, code: int) -> bool:
         """Keep the call's row; whether this reply is one to check."""
-        self.rows.append((started, time.monotonic() - started, 0, code))
+        self.rows.append((started, time.monotonic() - started, turn % self.load.kinds, code))
         return code == 0 and len(self.rows) % self.load.check_every == 0
 
     async def run(self) -> None:
@@ -109,7 +110,7 @@ class _Loop:
                 code = 0
             except grpc.aio.AioRpcError as error:
                 reply, code = b"", int(error.code().value[0])
-            if self.record(started, code):
+            if self.record(started, turn, code):
                 self.checked += 1
                 self.wrong += not _classify_ok(reply, load.images)
 
@@ -131,7 +132,7 @@ class _Loop:
             tensor = InferInput("image", list(array.shape), "UINT8")
             tensor.set_data_from_numpy(array)
             inputs.append([tensor])
-        outputs = [InferRequestedOutput(name) for name in load.outputs]
+        outputs = [[InferRequestedOutput(name) for name in names] for names in load.outputs]
         for client in clients:
             await client.is_server_ready()  # connects, outside the measured time
 
@@ -141,13 +142,13 @@ class _Loop:
                 result = await clients[n % width].infer(
                     load.model,
                     inputs[turn % len(inputs)],
-                    outputs=outputs,
+                    outputs=outputs[turn % load.kinds],
                     client_timeout=load.timeout,
                 )
                 code = 0
             except InferenceServerException as error:
                 result, code = None, _status_value(error)
-            if self.record(started, code):
+            if self.record(started, turn, code):
                 self.checked += 1
                 probabilities = result.as_numpy("probabilities")
                 self.wrong += probabilities is None or probabilities.shape != (load.images, 10)

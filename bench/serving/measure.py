@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.reliability.server import inside as server_inside
 from bench.reliability.stats import latency_ms, status_counts
 from bench.serving import load as load_process
@@ -22,6 +24,7 @@ from bench.serving.processes import tree_usage
 MiB = 2**20
 SUMMED = ("images_per_s", "p50", "p90", "p99", "server_cpu_s_per_1000")
 SUMMED += ("client_cpu_s_per_1000", "images_per_server_cpu_s", "rss_mib", "calls_per_s")
+SUMMED += ("p50_without", "p50_with", "paired_overhead_ms")
 INSIDE = ("handler_ms", "queue_wait_ms", "inference_ms", "batch_images")
 
 
@@ -66,6 +69,24 @@ def once(
         "replies_checked": records.checked,
         "replies_wrong": records.wrong,
         **({"server_saw": inside} if inside else {}),
+        **(paired(records.latency, records.kind, ok) if load.kinds == 2 else {}),
+    }
+
+
+def paired(latency: np.ndarray, kind: np.ndarray, ok: np.ndarray) -> dict[str, float | None]:
+    """A paired run's p50 of each kind of call (0: without the extra outputs, 1: with), and
+    their difference: both kinds ran side by side, so the difference is the extras' cost."""
+    medians = [
+        float(np.median(latency[ok & (kind == k)])) * 1000 if (ok & (kind == k)).any() else None
+        for k in (0, 1)
+    ]
+    without, with_ = medians
+    if without is None or with_ is None:
+        return {"p50_without": without, "p50_with": with_, "paired_overhead_ms": None}
+    return {
+        "p50_without": round(without, 4),
+        "p50_with": round(with_, 4),
+        "paired_overhead_ms": round(with_ - without, 4),
     }
 
 

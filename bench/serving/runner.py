@@ -140,14 +140,13 @@ class Requests:
             "seconds": seconds,
             "timeout": CALL_TIMEOUT_S,
             "images": work.images,
+            "kinds": len(work.kinds),
         }
         if system.startswith(("native", "floor")):  # the floors answer Classify
             return Load(client="grpc", method=CLASSIFY, payloads=self.classify[work.name], **common)
         model = work.triton_model if system == "triton" and work.triton_model else work.model
         arrays = tuple(self.arrays[work.name])
-        return Load(
-            client="tritonclient", model=model, arrays=arrays, outputs=work.outputs, **common
-        )
+        return Load(client="tritonclient", model=model, arrays=arrays, outputs=work.kinds, **common)
 
 
 def server_for(
@@ -168,9 +167,16 @@ def server_for(
         paths = {m: Path(info["path"]) for m, info in models.items()}
         return NaiveServer(log=log, models=list(models), paths=paths, device=on)
     if kind in ("floor", "floor-sync"):  # replies prebuilt for every image count asked for
-        images = sorted({w.images for w in works if kind in w.systems})
+        floored = [w for w in works if kind in w.systems]
+        images = sorted({w.images for w in floored})
         workers = SYNC_FLOOR_WORKERS if kind == "floor-sync" else 0
-        return FloorServer(log=log, models=[], images=images, sync_workers=workers)
+        maps = {
+            name: tuple(shape)
+            for w in floored
+            for name, shape in models[w.model]["features"]
+            if name in w.outputs
+        }
+        return FloorServer(log=log, models=[], images=images, sync_workers=workers, features=maps)
     bindings = triton.bindings(models)
     return triton.TritonServer(
         log=log,
@@ -381,7 +387,13 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
         "exported": exported,
         "models": models,
         "workloads": [
-            {"name": w.name, "model": w.model, "images": w.images, "outputs": list(w.outputs)}
+            {
+                "name": w.name,
+                "model": w.model,
+                "images": w.images,
+                "outputs": list(w.outputs),
+                "kinds": [list(k) for k in w.kinds],
+            }
             for w in works
         ],
         "points": measured,

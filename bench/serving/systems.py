@@ -18,6 +18,9 @@ NAMES = {
     "floor-sync": "gRPC floor, synchronous: grpc.server (a thread pool) answering a prebuilt reply",
     "cnnserve": "cnnserve serve",
 }
+# The workload whose calls alternate between `probabilities` alone and with resnet's stage-1
+# map (bench/serving/workload.py builds it; goals and tables read it by this name).
+PAIRED = "resnet x1 ± layer1"
 ORDER = ("native", "native+spin", "oip", "oip+spin", "triton", "naive", "floor", "floor-sync")
 
 

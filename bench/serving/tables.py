@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.reliability.report import fmt, table
 from bench.serving.goals import point
-from bench.serving.systems import NAMES, measured, name
+from bench.serving.systems import NAMES, PAIRED, measured, name
 
 
 def titled(title: str, headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -115,9 +115,12 @@ def every_point(data: dict[str, Any]) -> list[str]:
         rows = point_rows(data, w["name"], concurrencies)
         if not rows:
             continue
-        outputs = ", ".join(f"`{o}`" for o in w["outputs"])
+        kinds = [
+            ", ".join(f"`{o}`" for o in outputs) for outputs in w.get("kinds") or [w["outputs"]]
+        ]
+        asking = " and ".join(kinds) + (", in turn" if len(kinds) > 1 else "")
         plural = "s" if w["images"] > 1 else ""
-        title = f"**{w['name']}**: {w['images']} image{plural} per request, asking for {outputs}."
+        title = f"**{w['name']}**: {w['images']} image{plural} per request, asking for {asking}."
         lines += titled(title, HEADERS, rows)
     return lines
 
@@ -213,32 +216,30 @@ def feature_outputs(data: dict[str, Any]) -> list[str]:
             "the least asking for it can cost.",
             "",
         ]
-    rows = []
-    for system in measured(data):
-        for c in sorted(
-            {p["concurrency"] for p in data["points"] if p["workload"] == "resnet x1 + layer1"}
-        ):
-            plain = point(data, system, "resnet x1", c)
-            featured = point(data, system, "resnet x1 + layer1", c)
-            if plain and featured:
-                rows.append(
-                    [
-                        name(system),
-                        c,
-                        plain["p50"],
-                        featured["p50"],
-                        round(featured["p50"] - plain["p50"], 3),
-                        plain["images_per_s"],
-                        featured["images_per_s"],
-                    ]
-                )
+    rows = [
+        [
+            name(system),
+            c,
+            s["p50_without"],
+            s["p50_with"],
+            s["paired_overhead_ms"],
+            s["images_per_s"],
+        ]
+        for system in measured(data)
+        for c in sorted({p["concurrency"] for p in data["points"] if p["workload"] == PAIRED})
+        if (s := point(data, system, PAIRED, c)) and s.get("paired_overhead_ms") is not None
+    ]
     if rows:
         lines += [
-            "Asking for the stage-1 map (`features.layer1`) beside the classes, per system:",
+            "Asking for the stage-1 map (`features.layer1`) beside the classes, per system. "
+            "Calls with and without the map alternate in one run (each client worker takes the "
+            "two in turn), so both p50s come from the same minutes on the same server, and the "
+            "overhead is their difference (median over repeats). The floors answer the map's "
+            "bytes prebuilt: their overhead is what sending those bytes alone costs.",
             "",
             table(
                 ["System", "Concurrency", "p50 ms without", "p50 ms with", "Overhead ms"]
-                + ["Images/s without", "Images/s with"],
+                + ["Images/s (both kinds)"],
                 rows,
             ),
             "",

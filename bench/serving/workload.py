@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.reliability.workload import missing_models, model_config
+from bench.serving.systems import PAIRED
 from service.proto import cnnserve_pb2 as pb
 
 VARIANTS = 8  # different requests per workload, each on different test images
@@ -28,7 +29,7 @@ QUICK_SET = ("logreg", "mlp", "lenet5", "kirsch")  # export/pipeline.py's quick 
 FEATURE = "features.layer1"  # resnet's stage-1 output: 16 x 28 x 28 floats, 50 KiB an image
 EXPORT_FLAGS = ("--max-steps", "3", "--train-limit", "512", "--no-progress")
 SERVERS = ("native", "oip", "triton", "naive")
-# The gRPC floor answers with probabilities only, so it measures only workloads asking for them.
+# The gRPC floor answers prebuilt replies: probabilities, and the stage-1 map when asked for.
 WITH_FLOOR = (*SERVERS, "floor", "floor-sync")
 
 
@@ -43,6 +44,17 @@ class Workload:
     concurrencies: tuple[int, ...]
     triton_model: str = ""  # the Triton binding to call, when not the model's own name
     systems: tuple[str, ...] = SERVERS
+    # Calls alternate between the outputs without the feature maps (even calls) and all of
+    # them (odd calls), in one run: what a feature map costs is then the difference of two
+    # latencies measured side by side, not of two runs apart.
+    paired: bool = False
+
+    @property
+    def kinds(self) -> tuple[tuple[str, ...], ...]:
+        """The outputs of each kind of call, in the order the calls take them."""
+        if not self.paired:
+            return (self.outputs,)
+        return (tuple(o for o in self.outputs if not o.startswith("features.")), self.outputs)
 
 
 def workloads(concurrencies: tuple[int, ...], quick: bool) -> list[Workload]:
@@ -62,7 +74,15 @@ def workloads(concurrencies: tuple[int, ...], quick: bool) -> list[Workload]:
             systems=WITH_FLOOR,
         ),
         Workload("resnet x1", "resnet", 1, probabilities, concurrencies, systems=WITH_FLOOR),
-        Workload("resnet x1 + layer1", "resnet", 1, (*probabilities, FEATURE), (low, mid)),
+        Workload(
+            PAIRED,
+            "resnet",
+            1,
+            (*probabilities, FEATURE),
+            (low, mid),
+            systems=WITH_FLOOR,
+            paired=True,
+        ),
         Workload(
             "resnet x1, Triton bound to probabilities only",
             "resnet",
@@ -138,8 +158,9 @@ def pixels(images: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
 
 
 def classify_requests(work: Workload, arrays: list[np.ndarray]) -> tuple[bytes, ...]:
-    """Serialized native `Classify` calls: raw pixels, top-1, features as the workload asks."""
-    features = [o for o in work.outputs if o.startswith("features.")]
+    """Serialized native `Classify` calls: raw pixels, top-1, features as the workload asks;
+    for a paired workload each array's calls of every kind in turn (request i is of kind
+    i % kinds)."""
     return tuple(
         pb.ClassifyRequest(
             model=work.model,
@@ -147,8 +168,9 @@ def classify_requests(work: Workload, arrays: list[np.ndarray]) -> tuple[bytes, 
                 pb.Image(pixels=pb.RawPixels(height=28, width=28, data=p.tobytes())) for p in batch
             ],
             top_k=1,
-            features=features,
+            features=[o for o in outputs if o.startswith("features.")],
             invert=pb.INVERT_NO,
         ).SerializeToString()
         for batch in arrays
+        for outputs in work.kinds
     )

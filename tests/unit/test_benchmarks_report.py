@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.serving import changes, compare, goals, report
+from bench.serving.systems import PAIRED
 
 
 def summary(images_per_s: float, p50: float, p99: float, cpu_per_1000: float) -> dict[str, Any]:
@@ -30,6 +31,10 @@ def summary(images_per_s: float, p50: float, p99: float, cpu_per_1000: float) ->
         "errors": 0,
         "replies_wrong": 0,
     }
+
+
+def paired(without: float, with_: float) -> dict[str, float]:
+    return {"p50_without": without, "p50_with": with_, "paired_overhead_ms": with_ - without}
 
 
 def point(system: str, work: str, c: int, s: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +108,8 @@ def synthetic() -> dict[str, Any]:
         # resnet at 32: 800 / 1000 = 0.8 x the limit (met), 0.8 x its CPU efficiency (missed).
         point("native", "resnet x1", 32, summary(800.0, 40.0, 80.0, 1.25) | {"server_saw": SAW}),
         point("native", "resnet x1", 1, summary(350.0, 2.9, 4.0, 2.9)),
-        point("native", "resnet x1 + layer1", 1, summary(340.0, 2.95, 4.2, 3.0)),
+        # Calls with and without the stage-1 map, alternating in one run: 0.05 ms apart.
+        point("native", PAIRED, 1, summary(340.0, 2.92, 4.2, 3.0) | paired(2.9, 2.95)),
         point("native", "lenet5 x1", 1, summary(1500.0, 0.6, 1.0, 0.7)),
         point("native", "lenet5 x32", 1, summary(20000.0, 1.6, 3.0, 0.05)),
         point("native", "lenet5 x32", 8, summary(26000.0, 9.8, 12.0, 0.04)),
@@ -151,10 +157,11 @@ def synthetic() -> dict[str, Any]:
             {"name": "lenet5 x32", "model": "lenet5", "images": 32, "outputs": ["probabilities"]},
             {"name": "resnet x1", "model": "resnet", "images": 1, "outputs": ["probabilities"]},
             {
-                "name": "resnet x1 + layer1",
+                "name": PAIRED,
                 "model": "resnet",
                 "images": 1,
                 "outputs": ["probabilities", "features.layer1"],
+                "kinds": [["probabilities"], ["probabilities", "features.layer1"]],
             },
         ],
         "raw": raw,
@@ -225,11 +232,35 @@ def test_each_goal_carries_the_bound_the_grpc_floor_sets() -> None:
     idle = by_name["lenet5, concurrency 1: p50 latency"]  # the cheaper floor's round trip
     assert (idle["reach"], idle["reachable"]) == ("+0.40 ms (the floor's round trip)", True)
     assert "reach" not in by_name["resnet, concurrency 1: p50 latency"]  # no floor measured
-    assert "reach" not in by_name["resnet: overhead of asking for the stage-1 map"]
+    assert "reach" not in by_name["resnet: overhead of asking for the stage-1 map"]  # no floor
     text = report.render(data | {"goals": list(by_name.values())})
     assert "**2 of the 3 missed goals are out of reach on this machine" in text
     assert "| 0.80 x (800): **out of reach** |" in text
     assert "| met | 0.09 x (3,738 img/s) |" in text  # met: the bound was too low, not the goal
+
+
+def test_the_feature_map_goals_read_the_paired_run_and_the_floors_cost_of_the_bytes() -> None:
+    data = synthetic()
+    # Sending the map's bytes alone cost the floor 0.08 ms: more than copying them (0.06 ms),
+    # less than an inference (2.5 ms).
+    data["points"].append(
+        point("floor", PAIRED, 1, summary(900.0, 1.0, 2.0, 0.5) | paired(1, 1.08))
+    )
+    by_name = {g["goal"]: g for g in goals.compute(data)}
+    cheap = by_name["resnet: overhead of asking for the stage-1 map"]
+    assert (cheap["met"], cheap["measured"]) == (True, "+0.050 ms p50 vs 0.060 ms to copy")
+    assert cheap["reach"] == "+0.080 ms (the floor's, sending the same bytes)"
+    assert cheap["reachable"] is False
+    assert by_name["resnet: asking for a feature map runs no second inference"]["reachable"]
+    text = report.render(data | {"goals": list(by_name.values())})
+    assert "| cnnserve, native Classify | 1 | 2.9 | 2.95 | 0.05 | 340 |" in text
+    assert (
+        "| gRPC floor: grpc.aio (uvloop) answering a prebuilt reply | 1 | 1 | 1.08 | 0.08 |" in text
+    )
+    assert "asking for `probabilities` and `probabilities`, `features.layer1`, in turn." in text
+    # Without a paired run there is no overhead to judge: not run, never guessed from two runs.
+    data["points"] = [p for p in data["points"] if p["workload"] != PAIRED]
+    assert verdicts(data | {"goals": goals.compute(data)})[cheap["goal"]] is None
 
 
 def test_unmeasured_goals_are_not_run_never_guessed() -> None:
@@ -361,6 +392,19 @@ def test_each_change_measured_is_a_row_of_its_figures() -> None:
     assert cells[7] == "10.5% / 8.7%"  # (1000 - 900) / 950 and (1200 - 1100) / 1150
     assert cells[8] == "3 × 6 s"
     assert cells[9] == "`.venv/bin/python -m bench.serving.compare HEAD~1 --system oip --rounds 3`"
+
+
+def test_a_change_measured_with_a_feature_map_shows_its_overhead() -> None:
+    change = compared("2026-01-02 10:00:00 UTC", "bbb")
+    change["settings"] |= {"model": "resnet", "concurrency": 1, "feature": "features.layer1"}
+    for run, overhead in zip(change["runs"], (0.05, 0.04, 0.03, 0.06, 0.05, 0.035), strict=True):
+        run["paired_overhead_ms"] = overhead
+    change["summary"] = compare.summarise(change["runs"])
+    text = report.render(synthetic() | {"changes": [change]})
+    assert (
+        "| resnet oip, concurrency 1, 1 image per request, calls with and without "
+        "`features.layer1` alternating: its overhead 0.050 → 0.035 ms |"
+    ) in text
 
 
 def test_an_uncommitted_change_names_no_subject_and_pipes_stay_in_their_cell() -> None:

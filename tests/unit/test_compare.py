@@ -79,8 +79,28 @@ def test_summary_takes_medians_per_side_and_after_over_before() -> None:
     assert f"throughput 950 -> 1,150 img/s (x{1150 / 950:.2f})" in line
     assert f"server CPU/call 1.10 -> 0.80 ms (x{0.8 / 1.1:.2f})" in line
     assert line.endswith("3 rounds of 10 s")
+    assert "feature map overhead" not in line  # no --feature: no paired figure
     table = compare.summary_table(summary)
     assert "x1.21" in table and "1,150" in table
+
+
+def test_a_feature_pairs_the_calls_and_its_overhead_joins_the_line() -> None:
+    args = compare.build_parser().parse_args(["HEAD", "--feature", "features.layer1"])
+    settings = compare.settings_of(args) | {"model": "resnet", "concurrency": 1}
+    overheads = {"before": 0.05, "after": 0.04, "before2": 0.06, "after2": 0.03}
+    runs = [
+        run(side.rstrip("2"), 500, 4.0, 1.0) | {"paired_overhead_ms": value}
+        for side, value in overheads.items()
+    ]
+    summary = compare.summarise(runs)
+    assert summary["paired_overhead_ms"] == {
+        "before": 0.055,
+        "after": 0.035,
+        "ratio": round(0.035 / 0.055, 3),
+    }
+    line = compare.one_line("HEAD", "abc1234", settings, summary)
+    assert "resnet native c=1 x1 img ± features.layer1:" in line
+    assert "feature map overhead 0.055 -> 0.035 ms" in line
 
 
 def test_missing_figures_show_as_dashes_not_ratios() -> None:
