@@ -173,7 +173,7 @@ def server_for(
         maps = {
             name: tuple(shape)
             for w in floored
-            for name, shape in models[w.model]["features"]
+            for name, shape in models[w.model].get("features", [])
             if name in w.outputs
         }
         return FloorServer(log=log, models=[], images=images, sync_workers=workers, features=maps)

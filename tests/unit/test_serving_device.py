@@ -126,17 +126,24 @@ def test_the_gpu_name_comes_from_nvidia_smi(
 
 
 def test_the_device_reaches_every_system_that_runs_inference(tmp_path: Path) -> None:
-    models = {"lenet5": {"path": "/m/lenet5.onnx"}}
+    resnet = {"path": "/m/resnet.onnx", "features": [["features.layer1", [16, 28, 28]]]}
+    models = {"lenet5": {"path": "/m/lenet5.onnx"}, "resnet": resnet}
     works = workload.workloads((1, 32), quick=True)
     ours = runner.server_for("cnnserve", False, models, tmp_path, tmp_path, works, "cuda:1")
     assert ours.command()[-3:] == ["--no-allow-spinning", "--device", "cuda:1"]
     naive = runner.server_for("naive", False, models, tmp_path, tmp_path, works, "cuda")
     assert isinstance(naive, NaiveServer)
-    assert naive.command()[-3:] == ["--device", "cuda", "lenet5=/m/lenet5.onnx"]
+    assert naive.command()[-4:] == [
+        "--device",
+        "cuda",
+        "lenet5=/m/lenet5.onnx",
+        "resnet=/m/resnet.onnx",
+    ]
     cpu = runner.server_for("naive", False, models, tmp_path, tmp_path, works)
     assert "--device" not in cpu.command()  # the CPU run's command, as it always was
     floor = runner.server_for("floor", False, models, tmp_path, tmp_path, works, "cuda")
     assert "--device" not in floor.command()  # the floor runs no inference
+    assert floor.command()[-1] == "--feature=features.layer1=16x28x28"  # the paired workload's
 
 
 def test_a_gpu_run_skips_triton_and_says_why(tmp_path: Path) -> None:
