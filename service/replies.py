@@ -8,7 +8,6 @@ by field, what to ask for instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from service.errors import InvalidArgument
@@ -20,14 +19,11 @@ PER_IMAGE_OVERHEAD = 512  # protobuf framing, labels and scores: generous, so th
 
 def per_image_bytes(entry: ModelVersion, names: Sequence[str], feature_itemsize: int) -> int:
     """Bytes one image's reply carries for the named outputs (features at `feature_itemsize`)."""
-    shapes = {o["name"]: (o["shape"], 4) for o in entry.config.get("outputs", [])}
-    shapes.update(
-        {f["name"]: (f["shape"], feature_itemsize) for f in entry.config.get("features", [])}
-    )
+    sizes = entry.output_sizes
     total = PER_IMAGE_OVERHEAD
     for name in dict.fromkeys(names):
-        shape, itemsize = shapes.get(name, ([], 4))
-        total += math.prod(shape) * itemsize
+        values, feature = sizes.get(name, (1, False))
+        total += values * (feature_itemsize if feature else 4)
     return total
 
 

@@ -13,6 +13,7 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -67,6 +68,9 @@ class ModelVersion:
     feature_names: tuple[str, ...] = field(default=())
     # Class outputs, then feature outputs: every name a request may ask for, read once.
     output_names: tuple[str, ...] = field(default=())
+    # Values per image of each output, and whether it is a feature map (sent at the dtype
+    # asked for) or a class output (float32): what a reply's size is reckoned from.
+    output_sizes: dict[str, tuple[int, bool]] = field(default_factory=dict)
 
     @property
     def provider(self) -> str:
@@ -159,6 +163,9 @@ class ModelRepository:
             entry.feature_names = tuple(f["name"] for f in entry.config.get("features", []))
             outputs = tuple(o["name"] for o in entry.config.get("outputs", []))
             entry.output_names = outputs + entry.feature_names
+            for key, feature in (("outputs", False), ("features", True)):
+                for spec in entry.config.get(key, []):
+                    entry.output_sizes[spec["name"]] = (math.prod(spec["shape"]), feature)
         except (OSError, ValueError, KeyError, TypeError) as error:
             entry.state, entry.reason = State.FAILED, f"unreadable {CONFIG_FILE}: {error}"
         self.models.setdefault(name, {})[version] = entry
@@ -333,6 +340,8 @@ class ModelRepository:
             raise NotFound(f"model {shown!r} not found; available: {known}")
         versions = self.models[name]
         if not version:
+            if len(versions) == 1:  # the usual case: whether ready or not, the one there is
+                return next(iter(versions.values()))
             ready = [v for v in versions.values() if v.state is State.READY]
             return max(ready, key=lambda v: _version_key(v.version)) if ready else self.newest(name)
         key = version.strip()
