@@ -19,8 +19,7 @@ import math
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any, NamedTuple, TypedDict
@@ -260,23 +259,40 @@ def _totals_of(key: tuple[str, str]) -> _Totals:
     return totals
 
 
+def request_started(model: str, version: str) -> None:
+    """A call began: it counts as in flight until `request_ended`."""
+    with _lock:
+        _series_of((model, version)).inflight += 1
+
+
+def request_ended(model: str, version: str, method: str, code: str, seconds: float) -> None:
+    """A call that `request_started` ended, however: no longer in flight, and observed."""
+    with _lock:
+        _series_of((model, version)).inflight -= 1
+        _observe_request((model, version), method, code, seconds)
+
+
 def observe_request(model: str, version: str, method: str, code: str, seconds: float) -> None:
     """One call at the end of each request feeds the request, duration and Triton series."""
-    key = (model, version)
     with _lock:
-        series = _series_of(key)
-        series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
-        histogram = series.durations.get(method)
-        if histogram is None:
-            histogram = series.durations[method] = _Histogram(DURATION_BUCKETS)
-        histogram.observe(seconds)
-        totals = _totals_of(key)
-        if code == "OK":
-            totals.success_count += 1
-            totals.success_ns += round(seconds * 1e9)
-        else:
-            totals.failure_count += 1
-            totals.failure_ns += round(seconds * 1e9)
+        _observe_request((model, version), method, code, seconds)
+
+
+def _observe_request(key: tuple[str, str], method: str, code: str, seconds: float) -> None:
+    """`observe_request`'s work; call under `_lock`."""
+    series = _series_of(key)
+    series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
+    histogram = series.durations.get(method)
+    if histogram is None:
+        histogram = series.durations[method] = _Histogram(DURATION_BUCKETS)
+    histogram.observe(seconds)
+    totals = _totals_of(key)
+    if code == "OK":
+        totals.success_count += 1
+        totals.success_ns += round(seconds * 1e9)
+    else:
+        totals.failure_count += 1
+        totals.failure_ns += round(seconds * 1e9)
 
 
 def observe_batch(
@@ -311,20 +327,6 @@ def observe_auth_rejected(method: str, reason: str) -> None:
 def set_queue_depth(model: str, version: str, images: int) -> None:
     """The batcher reports its backlog whenever it changes, so saturation shows before errors."""
     _child(QUEUE_DEPTH, model, version).set(images)
-
-
-@contextmanager
-def track_inflight(model: str, version: str) -> Iterator[None]:
-    """Counts a request as in flight for the duration of the block, however it ends."""
-    key = (model, version)
-    with _lock:
-        series = _series_of(key)
-        series.inflight += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            series.inflight -= 1
 
 
 def set_model_state(

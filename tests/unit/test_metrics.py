@@ -91,13 +91,14 @@ def test_queue_depth_and_inflight_gauges(model: str) -> None:
     metrics.set_queue_depth(model, VERSION, 0)
     assert value("cnnserve_queue_depth", model) == 0
 
-    with metrics.track_inflight(model, VERSION):
-        with metrics.track_inflight(model, VERSION):
-            assert value("cnnserve_inflight_requests", model) == 2
-        assert value("cnnserve_inflight_requests", model) == 1
-    with pytest.raises(RuntimeError), metrics.track_inflight(model, VERSION):
-        raise RuntimeError("a failing request still leaves")
+    metrics.request_started(model, VERSION)
+    metrics.request_started(model, VERSION)
+    assert value("cnnserve_inflight_requests", model) == 2
+    metrics.request_ended(model, VERSION, "Classify", "OK", 0.001)
+    assert value("cnnserve_inflight_requests", model) == 1
+    metrics.request_ended(model, VERSION, "Classify", "INTERNAL", 0.001)
     assert value("cnnserve_inflight_requests", model) == 0
+    assert value("cnnserve_requests_total", model, method="Classify", code="INTERNAL") == 1
 
 
 def test_model_state_switches_exclusively(model: str) -> None:
@@ -152,8 +153,9 @@ def test_every_required_series_is_exposed(model: str) -> None:
     metrics.observe_request(model, VERSION, "Classify", "OK", 0.001)
     metrics.observe_batch(model, VERSION, 1, [0.0001], 0.001)
     metrics.set_queue_depth(model, VERSION, 0)
-    with metrics.track_inflight(model, VERSION):
-        types, samples = parse(metrics.exposition().decode())
+    metrics.request_started(model, VERSION)
+    types, samples = parse(metrics.exposition().decode())
+    metrics.request_ended(model, VERSION, "Classify", "OK", 0.001)
     mine = {name for name, labels, _ in samples if labels.get("model") == model}
     expected = {
         "cnnserve_requests_total": "counter",
