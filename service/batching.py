@@ -330,7 +330,9 @@ class Batcher:
 
 def _merged(batch: list[_Pending]) -> tuple[np.ndarray, list[str]]:
     """The batch's images in one array, and the union of the outputs its requests asked for."""
-    images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+    if len(batch) == 1:  # every inline request of a tiny model: nothing to merge
+        return batch[0].images, list(batch[0].outputs)
+    images = np.concatenate([p.images for p in batch])
     return images, list(dict.fromkeys(name for p in batch for name in p.outputs))
 
 

@@ -82,12 +82,6 @@ class DrainGate:
             await asyncio.sleep(POLL_SECONDS)
         return False
 
-    def _enter(self) -> None:
-        self.inflight += 1
-
-    def _exit(self) -> None:
-        self.inflight -= 1
-
     def gated(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`handler`, counted while it runs and refused with UNAVAILABLE once draining."""
         behavior = _behavior_of(handler)
@@ -97,7 +91,7 @@ class DrainGate:
                 self.last_arrival = time.monotonic()
                 if self.draining:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                self._enter()
+                self.inflight += 1
                 try:
                     result = behavior(request, context)
                     if inspect.isasyncgen(result):
@@ -109,20 +103,24 @@ class DrainGate:
                         for item in result:
                             yield item
                 finally:
-                    self._exit()
+                    self.inflight -= 1
 
             return _same_kind(handler, stream)
+
+        is_async = inspect.iscoroutinefunction(behavior)  # every servicer of ours: known once
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.last_arrival = time.monotonic()
             if self.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-            self._enter()
+            self.inflight += 1
             try:
+                if is_async:
+                    return await behavior(request, context)
                 result = behavior(request, context)
                 return await result if inspect.isawaitable(result) else result
             finally:
-                self._exit()
+                self.inflight -= 1
 
         return _same_kind(handler, unary)
 

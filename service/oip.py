@@ -283,11 +283,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(
             model_name=entry.name, model_version=entry.version, id=request_id
         )
-        class_outputs = {o["name"] for o in entry.config.get("outputs", [])}
         for output in requested:
             value = values[output.name]
             if output.classes:
-                labels = entry.labels if output.name in class_outputs else []
+                is_feature = entry.output_sizes.get(output.name, (0, True))[1]
+                labels = [] if is_feature else entry.labels
                 data, k = classification(value, output.classes, labels)
                 response.outputs.add(name=output.name, datatype="BYTES", shape=[len(value), k])
             else:

@@ -324,7 +324,7 @@ def from_tensor(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
             f"tensor dtype {dtype!r} is not accepted: use float32 (FP32), float16 (FP16) "
             "or uint8 (UINT8)"
         )
-    dims = tuple(int(d) for d in shape)
+    dims = tuple(map(int, shape))
     if dims not in _TENSOR_SHAPES:
         raise InvalidImage(
             f"tensor shape {_shown(dims)} is not accepted: use [1, 28, 28] or [28, 28]"
@@ -363,7 +363,7 @@ def from_batch(shape: Sequence[int], dtype: str, data: bytes) -> np.ndarray:
             f"datatype {dtype[:80]!r} is not accepted: use FP32 (values in [0, 1]), FP16, "
             "or UINT8 (0-255)"
         )
-    dims = tuple(int(d) for d in shape)
+    dims = tuple(map(int, shape))
     if len(dims) not in (3, 4) or dims[1:] not in _TENSOR_SHAPES:
         raise InvalidImage(
             f"shape {_shown(dims)} is not accepted: use [N, 1, 28, 28] or [N, 28, 28] "
