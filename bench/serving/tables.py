@@ -244,6 +244,13 @@ def feature_outputs(data: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+    elif any(p["workload"].startswith("resnet x1 +") for p in data.get("points", [])):
+        lines += [
+            "This run predates the paired workload: it measured the map in runs of its own "
+            "(`resnet x1 + layer1` under *Every point*), whose p50s differ from the plain "
+            "runs' by the runs' own noise as much as by the map, so no overhead is shown.",
+            "",
+        ]
     probs = next(
         (p for p in data.get("points", []) if p["workload"].startswith("resnet x1, Triton")), None
     )

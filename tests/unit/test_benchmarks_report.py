@@ -258,9 +258,14 @@ def test_the_feature_map_goals_read_the_paired_run_and_the_floors_cost_of_the_by
         "| gRPC floor: grpc.aio (uvloop) answering a prebuilt reply | 1 | 1 | 1.08 | 0.08 |" in text
     )
     assert "asking for `probabilities` and `probabilities`, `features.layer1`, in turn." in text
-    # Without a paired run there is no overhead to judge: not run, never guessed from two runs.
+    # Without a paired run there is no overhead to judge: not run, never guessed from two runs,
+    # and a run from before the paired workload says so instead of showing a difference.
     data["points"] = [p for p in data["points"] if p["workload"] != PAIRED]
     assert verdicts(data | {"goals": goals.compute(data)})[cheap["goal"]] is None
+    data["points"].append(point("native", "resnet x1 + layer1", 1, summary(300.0, 3.0, 4.0, 3.0)))
+    text = report.render(data | {"goals": goals.compute(data)})
+    assert "This run predates the paired workload" in text
+    assert "| p50 ms without |" not in text
 
 
 def test_unmeasured_goals_are_not_run_never_guessed() -> None:
