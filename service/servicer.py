@@ -144,8 +144,8 @@ class Images:
             raise InvalidArgument(f"invert: unknown value {invert_value}")
         return INVERT[invert_value]
 
-    async def decode(self, images: Any, invert_value: int) -> np.ndarray:
-        invert = self.check(images, invert_value)
+    async def decode(self, images: Any, invert: preprocess.Invert) -> np.ndarray:
+        """The images `check` passed, as one batch (big encoded ones in the decoder threads)."""
         sizes = [len(image.encoded) for image in images]
         if sum(sizes) >= DECODE_IN_THREAD_BYTES or len(sizes) - sizes.count(0) >= (
             DECODE_IN_THREAD_IMAGES
@@ -241,13 +241,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         Admission comes first, so an overloaded model refuses a call before decoding it, and a
         call whose deadline has passed is dropped before costing anything.
         """
-        self.images.check(request.images, request.invert)
+        invert = self.images.check(request.images, request.invert)
         deadline = deadline_of(context)
         if deadline is not None and deadline <= asyncio.get_running_loop().time():
             raise DeadlineExceeded("the deadline passed before the request could start")
         assert entry.batcher is not None
         with entry.batcher.admitted(len(request.images)) as reserved:
-            batch = await self.images.decode(request.images, request.invert)
+            batch = await self.images.decode(request.images, invert)
             current, names = self._after_decoding(request.model, request.version, features)
             assert current.batcher is not None
             future = current.batcher.submit(
@@ -293,7 +293,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             entry, request, request.features, lambda names: ["probabilities", *names], context
         )
         probabilities = outputs["probabilities"]
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k].tolist()
+        if top_k == 1:  # the usual ask: the first of the most likely, as the sort below gives
+            order = probabilities.argmax(axis=1)[:, None].tolist()
+        else:
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k].tolist()
         rows = probabilities.tolist()  # Python floats in one call, not one per value
         # Messages built in place: passing built ones to a constructor copies each of them.
         response = pb.ClassifyResponse(model=entry.name, version=entry.version)
