@@ -93,12 +93,18 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
-def _is_28x28_pixels(image: pb.Image) -> bool:
-    """Raw pixels at the model's own size, which decode as a batch (no per-image checks left)."""
-    if image.WhichOneof("data") != "pixels":
-        return False
-    p = image.pixels
-    return p.height == p.width == preprocess.SIZE and len(p.data) == preprocess.SIZE**2
+def _raw_28x28(images: Any) -> list[bytes] | None:
+    """Every image's bytes when all are raw pixels at the model's own size, which decode as a
+    batch (no per-image checks left); None as soon as one is not. One pass over the images."""
+    data = []
+    for image in images:
+        if image.WhichOneof("data") != "pixels":
+            return None
+        p = image.pixels
+        if p.height != preprocess.SIZE or p.width != preprocess.SIZE:
+            return None
+        data.append(p.data)
+    return data if set(map(len, data)) == {preprocess.SIZE**2} else None
 
 
 class Images:
@@ -127,8 +133,6 @@ class Images:
         raise InvalidArgument(f"{where}: empty image; set one of encoded, pixels or tensor")
 
     def _all(self, images: Any, invert: preprocess.Invert) -> np.ndarray:
-        if len(images) > 1 and all(_is_28x28_pixels(image) for image in images):
-            return preprocess.from_pixel_batch([image.pixels.data for image in images], invert)
         return preprocess.stack([self._one(image, i, invert) for i, image in enumerate(images)])
 
     def check(self, images: Any, invert_value: int) -> preprocess.Invert:
@@ -146,6 +150,8 @@ class Images:
 
     async def decode(self, images: Any, invert: preprocess.Invert) -> np.ndarray:
         """The images `check` passed, as one batch (big encoded ones in the decoder threads)."""
+        if len(images) > 1 and (raw := _raw_28x28(images)) is not None:
+            return preprocess.from_pixel_batch(raw, invert)
         sizes = [len(image.encoded) for image in images]
         if sum(sizes) >= DECODE_IN_THREAD_BYTES or len(sizes) - sizes.count(0) >= (
             DECODE_IN_THREAD_IMAGES

@@ -221,6 +221,16 @@ def test_bad_requests_get_clear_statuses(server, fmnist) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             "images[0].pixels",
         ),
+        (  # 28 x 28 raw pixels decode as one batch, but one a byte short is still named
+            dict(
+                images=[
+                    pb.Image(pixels=pb.RawPixels(height=28, width=28, data=b"\0" * n))
+                    for n in (784, 784, 783)
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "images[2].pixels: data has 783 bytes",
+        ),
         (
             dict(
                 images=[
