@@ -9,7 +9,8 @@ and once for a GPU run, whose ratios are then to the GPU's own limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import statistics
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from bench.reliability.report import fmt, table
@@ -154,6 +155,61 @@ def inside(data: dict[str, Any]) -> list[str]:
         table(
             ["System", "Workload", "Concurrency", "Client p50 ms", "Handler ms"]
             + ["Batch-queue wait ms", "Inference ms", "Images per batch"],
+            rows,
+        ),
+        "",
+    ]
+
+
+SPIN_FIGURES = (("images_per_s", "Images/s"), ("p50", "p50"), ("p99", "p99"))
+SPIN_FIGURES += (("server_cpu_s_per_1000", "Server CPU per image"),)
+
+
+def spinning(data: dict[str, Any]) -> list[str]:
+    """Our server with ONNX Runtime's thread spinning on against off, point by point: the
+    measurement its default is chosen by (README, `--allow-spinning`)."""
+    pairs = [
+        (p, on)
+        for p in data.get("points", [])
+        if p["system"] in ("native", "oip")
+        and (on := point(data, p["system"] + "+spin", p["workload"], p["concurrency"]))
+    ]
+    if not pairs:
+        return []
+    rows = [
+        [name(p["system"]), p["workload"], p["concurrency"]]
+        + [ratio(on.get(key), p["summary"].get(key)) for key, _ in SPIN_FIGURES]
+        for p, on in pairs
+    ]
+
+    def median_ratio(key: str, keep: Callable[[dict[str, Any]], bool]) -> str:
+        values = [
+            on[key] / p["summary"][key]
+            for p, on in pairs
+            if keep(p) and on.get(key) and p["summary"].get(key)
+        ]
+        return f"{statistics.median(values):.2f} x" if values else "–"
+
+    low = min(p["concurrency"] for p, _ in pairs)
+    busy = max(p["concurrency"] for p, _ in pairs if p["workload"].endswith(" x1"))
+    return [
+        "## Thread spinning, on against off",
+        "",
+        "cnnserve with ONNX Runtime's thread spinning on (`--allow-spinning`) divided by the "
+        "same server with it off (the default), point by point, both measured in this run. "
+        f"Medians over the points: throughput {median_ratio('images_per_s', lambda p: True)} "
+        f"(at concurrency {busy}: "
+        f"{median_ratio('images_per_s', lambda p: p['concurrency'] == busy)}), p50 at "
+        f"concurrency {low} {median_ratio('p50', lambda p: p['concurrency'] == low)}, p99 at "
+        f"concurrency {low} {median_ratio('p99', lambda p: p['concurrency'] == low)}, server CPU "
+        f"per image {median_ratio('server_cpu_s_per_1000', lambda p: True)}. A spinning "
+        "thread keeps its core busy between batches: the CPU it takes is what the gRPC "
+        "threads and everything else on the host then lack. A ratio inside the spread of "
+        "repeated runs (below, per point) is noise.",
+        "",
+        table(
+            ["System", "Workload", "Concurrency"]
+            + [f"{label} on / off" for _, label in SPIN_FIGURES],
             rows,
         ),
         "",

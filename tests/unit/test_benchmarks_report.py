@@ -268,6 +268,26 @@ def test_the_feature_map_goals_read_the_paired_run_and_the_floors_cost_of_the_by
     assert "| p50 ms without |" not in text
 
 
+def test_spinning_on_is_shown_against_off_point_by_point() -> None:
+    data = synthetic()
+    data["points"] += [
+        point("native+spin", "resnet x1", 1, summary(420.0, 2.5, 6.0, 3.48)),
+        point("native+spin", "resnet x1", 32, summary(800.0, 40.0, 80.0, 1.5)),
+    ]
+    text = report.render(data)
+    section = text.split("## Thread spinning, on against off")[1].split("\n## ")[0]
+    # resnet x1 at 1: 420 / 350 img/s, p50 2.5 / 2.9, p99 6.0 / 4.0, CPU 3.48 / 2.9
+    assert "| cnnserve, native Classify | resnet x1 | 1 | 1.20 x | 0.86 x | 1.50 x | 1.20 x |" in (
+        section
+    )
+    assert "| cnnserve, native Classify | resnet x1 | 32 | 1.00 x | 1.00 x | 1.00 x | 1.20 x |" in (
+        section
+    )
+    assert "throughput 1.10 x (at concurrency 32: 1.00 x)" in section  # median of 1.2 and 1.0
+    assert "p99 at concurrency 1 1.50 x, server CPU per image 1.20 x" in section
+    assert "## Thread spinning" not in report.render(synthetic())  # measured one way only
+
+
 def test_unmeasured_goals_are_not_run_never_guessed() -> None:
     data = synthetic()
     data["points"] = [p for p in data["points"] if p["system"] != "triton"]
