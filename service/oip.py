@@ -286,8 +286,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         for output in requested:
             value = values[output.name]
             if output.classes:
-                is_feature = entry.output_sizes.get(output.name, (0, True))[1]
-                labels = [] if is_feature else entry.labels
+                labels = [] if output.name in entry.feature_names else entry.labels
                 data, k = classification(value, output.classes, labels)
                 response.outputs.add(name=output.name, datatype="BYTES", shape=[len(value), k])
             else:
