@@ -9,6 +9,7 @@ and asks git for each change's commit subject, so `section`, called from the pur
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,33 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")  # a pipe in a subject or command would end the cell
 
 
+def headline(subject: str) -> str:
+    """What a commit subject says the change is: its first sentence without asides in
+    parentheses. The row's own columns carry the measured figures; a subject also quotes the
+    compare line and sometimes figures from elsewhere, which the report must not repeat."""
+    kept, depth, group = [], 0, []
+    for char in subject.split(". ", 1)[0]:
+        if char == "(":
+            depth += 1
+        if depth:
+            group.append(char)
+        else:
+            kept.append(char)
+        if char == ")" and depth:
+            depth -= 1
+            if not depth:  # a call like submit() stays; an aside (words in parentheses) goes
+                kept += [] if " " in "".join(group) else group
+                group = []
+    kept += group  # an unclosed parenthesis is text, not an aside
+    return re.sub(r"\s+([,;:])", r"\1", re.sub(r"\s{2,}", " ", "".join(kept))).strip()
+
+
 def _change(c: dict[str, Any]) -> str:
     after = c["after"]
     if after.get("uncommitted_changes"):  # the commit is only where the change started from
         return f"`{after['commit']}` + uncommitted changes"
-    return f"`{after['commit']}` {c['subject']}" if c.get("subject") else f"`{after['commit']}`"
+    subject = c.get("subject")
+    return f"`{after['commit']}` {headline(subject)}" if subject else f"`{after['commit']}`"
 
 
 def _before_after(figure: dict[str, Any], ratio: bool = True) -> str:

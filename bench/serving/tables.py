@@ -190,8 +190,7 @@ def spinning(data: dict[str, Any]) -> list[str]:
         ]
         return f"{statistics.median(values):.2f} x" if values else "–"
 
-    low = min(p["concurrency"] for p, _ in pairs)
-    busy = max(p["concurrency"] for p, _ in pairs if p["workload"].endswith(" x1"))
+    low, busy = min(data["settings"]["concurrencies"]), busy_concurrency(data)
     return [
         "## Thread spinning, on against off",
         "",

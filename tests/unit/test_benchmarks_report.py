@@ -441,6 +441,19 @@ def test_an_uncommitted_change_names_no_subject_and_pipes_stay_in_their_cell() -
     assert '--server-args "--x a\\|b"`' in text
 
 
+def test_a_change_is_named_by_its_subjects_first_sentence_without_asides() -> None:
+    subject = (
+        "service: fewer calls (the gate knows it once; submit() runs inline) on the hot path. "
+        "149 instead of 170 calls. bench.serving.compare HEAD (abc): x1.00"
+    )
+    assert changes.headline(subject) == "service: fewer calls on the hot path"
+    assert changes.headline("batcher: runs inside submit()") == "batcher: runs inside submit()"
+    text = report.render(
+        synthetic() | {"changes": [compared("2026-01-02 10:00:00 UTC", "b", subject)]}
+    )
+    assert "| `b` service: fewer calls on the hot path |" in text and "149" not in text
+
+
 def test_no_change_measured_says_so_in_one_line() -> None:
     text = report.render(synthetic() | {"changes": []})
     section = text.split("## Changes, measured one at a time\n\n")[1].split("\n\n## ")[0]
