@@ -19,12 +19,14 @@ import numpy as np
 from bench.reliability.server import inside as server_inside
 from bench.reliability.stats import latency_ms, status_counts
 from bench.serving import load as load_process
-from bench.serving.processes import tree_usage
+from bench.serving.processes import ThreadCpu, thread_cpu, tree_usage
 
 MiB = 2**20
 SUMMED = ("images_per_s", "p50", "p90", "p99", "server_cpu_s_per_1000")
 SUMMED += ("client_cpu_s_per_1000", "images_per_server_cpu_s", "rss_mib", "calls_per_s")
 SUMMED += ("p50_without", "p50_with", "paired_overhead_ms")
+THREADS = ("main_busy_pct", "main_ms_per_call", "grpc_ms_per_call", "other_ms_per_call")
+SUMMED += THREADS
 INSIDE = ("handler_ms", "queue_wait_ms", "inference_ms", "batch_images")
 
 
@@ -40,9 +42,9 @@ def once(
     batch, time in the batch queue, in inference, in the handler) comes back too.
     """
     seen_before = totals() if totals else None
-    before = tree_usage(pid)
+    before, threads_before = tree_usage(pid), thread_cpu(pid)
     records = load_process.run(load, workdir)
-    after = tree_usage(pid)
+    after, threads_after = tree_usage(pid), thread_cpu(pid)
     inside = server_inside(seen_before, totals()) if totals and seen_before else None
     ok = records.code == 0
     seconds = max(records.ended - records.began, 1e-9)
@@ -69,7 +71,25 @@ def once(
         "replies_checked": records.checked,
         "replies_wrong": records.wrong,
         **({"server_saw": inside} if inside else {}),
+        **by_thread(threads_before, threads_after, seconds, int(ok.sum())),
         **(paired(records.latency, records.kind, ok) if load.kinds == 2 else {}),
+    }
+
+
+def by_thread(
+    before: ThreadCpu | None, after: ThreadCpu | None, seconds: float, calls: int
+) -> dict[str, float]:
+    """How busy the main thread was over the run, and each kind of thread's CPU per answered
+    call (nothing for a server of several processes)."""
+    if before is None or after is None or not calls:
+        return {}
+    used = [a - b for a, b in zip(after, before, strict=True)]
+    return {
+        "main_busy_pct": round(100 * used[0] / seconds, 1),
+        **{
+            key: round(1000 * value / calls, 4)
+            for key, value in zip(THREADS[1:], used, strict=True)
+        },
     }
 
 

@@ -6,6 +6,10 @@ memory are summed over the process it started and every descendant, read from /p
 RSS counts shared pages once per process, so it overstates a multi-process server a little;
 the report says so. `ServerProcess` is a server on loopback that speaks the Open Inference
 Protocol: ready when `ServerReady` and every model's `ModelReady` say so.
+
+A one-process server's CPU is also split by thread (`thread_cpu`): a grpc.aio server runs every
+call's Python on its main thread, the event loop, under the GIL, so how busy that one thread
+is tells whether serving code or the cores decide its throughput.
 """
 
 from __future__ import annotations
@@ -33,10 +37,23 @@ class Usage(NamedTuple):
     processes: int
 
 
-def children(pid: int) -> list[int]:
+class ThreadCpu(NamedTuple):
+    """CPU seconds of one process by thread: `main` (a grpc.aio server's event loop), gRPC
+    core's own threads, and the rest (inference, ONNX Runtime's pool, decoding, metrics)."""
+
+    main: float
+    grpc: float
+    other: float
+
+
+# gRPC core names its threads; Python's and ONNX Runtime's keep the process's name
+GRPC_THREAD_NAMES = ("event_engine", "grpc_")
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
     """Every live descendant of `pid` (Linux /proc)."""
     parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
+    for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -71,6 +88,38 @@ def tree_usage(pid: int) -> Usage:
             continue
         rss, cpu, count = rss + r, cpu + c, count + 1
     return Usage(rss, cpu, count)
+
+
+def _ticks_used(stat: str) -> int:
+    """utime + stime of a /proc stat line, in clock ticks."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
+    """`pid`'s CPU seconds split by thread; None when it has children (Triton: the work is in
+    other processes) or is gone. `other` is the process's total less the named threads, so a
+    thread that ended in between still counts."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        if children(pid, proc):
+            return None
+        total = _ticks_used((proc / str(pid) / "stat").read_text())
+        main, grpc_ticks = 0, 0
+        for task in (proc / str(pid) / "task").iterdir():
+            try:
+                used = _ticks_used((task / "stat").read_text())
+                label = (task / "comm").read_text().strip()
+            except OSError:  # the thread ended while we read
+                continue
+            if task.name == str(pid):
+                main = used
+            elif label.startswith(GRPC_THREAD_NAMES):
+                grpc_ticks += used
+    except OSError:
+        return None
+    other = max(total - main - grpc_ticks, 0)
+    return ThreadCpu(main / ticks, grpc_ticks / ticks, other / ticks)
 
 
 def wait_ready(address: str, models: list[str], alive: object, log: Path, timeout: float) -> None:

@@ -37,6 +37,7 @@ from bench.serving.tables import (
     inside,
     raw_onnx_runtime,
     spinning,
+    threads,
 )
 
 PICTURE = "pictures/benchmarks-latency-throughput.png"
@@ -313,6 +314,7 @@ def gpu_section(gpu: dict[str, Any]) -> list[str]:
     lines += (
         every_point(gpu)
         + inside(gpu)
+        + threads(gpu)
         + raw_onnx_runtime(gpu)
         + feature_outputs(gpu)
         + _footprint(gpu)
@@ -324,7 +326,7 @@ def render(data: dict[str, Any], gpu: dict[str, Any] | None = None) -> str:
     """The CPU run's report; with a GPU run's JSON, its section after the CPU figures."""
     lines = _intro(data) + (_gpu_pointer(gpu) if gpu else []) + _summary(data) + _headline(data)
     lines += changes.section(data.get("changes", [])) + every_point(data) + inside(data)
-    lines += spinning(data)
+    lines += threads(data) + spinning(data)
     lines += raw_onnx_runtime(data) + feature_outputs(data) + _footprint(data) + _how(data)
     lines += gpu_section(gpu) if gpu else []
     return "\n".join(lines).rstrip() + "\n"

@@ -215,6 +215,51 @@ def spinning(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def threads(data: dict[str, Any]) -> list[str]:
+    """Each one-process server's CPU by thread at each workload's busiest point below overload:
+    whether its event loop, where all of a grpc.aio server's Python runs, is what limits it."""
+    busy = busy_concurrency(data)
+    rows = []
+    for w in data.get("workloads", []):
+        levels = [
+            p["concurrency"]
+            for p in data.get("points", [])
+            if p["workload"] == w["name"] and p["concurrency"] <= busy
+        ]
+        for system in measured(data):
+            s = point(data, system, w["name"], max(levels, default=0))
+            if s is None or s.get("main_ms_per_call") is None:
+                continue
+            parts = [s["main_ms_per_call"], s["grpc_ms_per_call"], s["other_ms_per_call"]]
+            rows.append(
+                [name(system), w["name"], max(levels), s["calls_per_s"], f"{s['main_busy_pct']:g}%"]
+                + parts
+                + [round(sum(parts), 4)]
+            )
+    if not rows:
+        return []
+    return [
+        "## Where the server's CPU goes",
+        "",
+        "CPU per answered call of each server that is one process, by thread, read from /proc "
+        "over each run (median over repeats), at each workload's busiest point below overload. "
+        "A grpc.aio server runs every call's Python (parsing, handler, reply) on its main "
+        "thread, the event loop, under the GIL; gRPC core's own threads move the bytes; the "
+        "other threads are inference (the batch threads and ONNX Runtime's pool) and the "
+        "metrics endpoint. A main thread near 100% busy decides the throughput whatever the "
+        "other core has left. For the synchronous floor, the handlers run on its pool's "
+        "threads, counted as other. Triton is several processes and has no row.",
+        "",
+        table(
+            ["System", "Workload", "Concurrency", "Calls/s", "Main thread busy"]
+            + ["Main thread ms / call", "gRPC threads ms / call", "Other threads ms / call"]
+            + ["Total ms / call"],
+            rows,
+        ),
+        "",
+    ]
+
+
 def raw_onnx_runtime(data: dict[str, Any]) -> list[str]:
     r = data.get("raw")
     if not r:

@@ -3,6 +3,7 @@ a paired load through one times each kind of call apart."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
@@ -91,6 +92,15 @@ def test_a_paired_load_times_each_kind_of_call_in_the_same_run(tmp_path: Path) -
     without, with_ = figures["p50_without"], figures["p50_with"]
     assert without > 0 and with_ > 0
     assert figures["paired_overhead_ms"] == pytest.approx(with_ - without, abs=1e-3)
+    # The floor is one process: its CPU comes split by thread, the parts adding up to the whole
+    # (to the clock tick) and its event loop busy for part of the run, never more than all of it.
+    parts = [figures[f"{kind}_ms_per_call"] for kind in ("main", "grpc", "other")]
+    answered = figures["calls"] - figures["errors"]
+    whole_ms = 1000 * figures["server_cpu_s"] / answered
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK") / answered
+    assert parts[0] > 0 and min(parts) >= 0
+    assert sum(parts) == pytest.approx(whole_ms, abs=3 * tick_ms + 1e-3)
+    assert 0 < figures["main_busy_pct"] <= 105  # a 10 ms clock tick is 1% of a 1 s run
 
 
 def test_paired_figures_are_each_kinds_median_and_their_difference() -> None:

@@ -332,6 +332,38 @@ def test_every_section_and_table_is_rendered() -> None:
     assert "None" not in text and "nan" not in text
 
 
+def by_thread(busy: float, main: float, grpc_ms: float, other: float) -> dict[str, float]:
+    return {
+        "main_busy_pct": busy,
+        "main_ms_per_call": main,
+        "grpc_ms_per_call": grpc_ms,
+        "other_ms_per_call": other,
+    }
+
+
+def test_one_process_servers_show_their_cpu_by_thread_at_the_busiest_point() -> None:
+    data = synthetic()
+    split = {
+        ("native", "lenet5 x32", 8): by_thread(97.5, 0.5, 0.05, 0.9),
+        ("native", "lenet5 x32", 1): by_thread(60.0, 0.4, 0.04, 0.8),  # not the busiest
+        ("floor", "lenet5 x32", 1): by_thread(35.0, 0.15, 0.05, 0.0),
+        ("floor", "lenet5 x1", 32): by_thread(80.0, 0.16, 0.06, 0.01),
+    }
+    for p in data["points"]:
+        p["summary"] |= split.get((p["system"], p["workload"], p["concurrency"]), {})
+    text = report.render(data)
+    section = text.split("## Where the server's CPU goes", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]
+    assert rows == [
+        "| gRPC floor: grpc.aio (uvloop) answering a prebuilt reply | lenet5 x1 | 32 | 9,500 "
+        "| 80% | 0.16 | 0.06 | 0.01 | 0.23 |",
+        "| cnnserve, native Classify | lenet5 x32 | 8 | 26,000 | 97.5% | 0.5 | 0.05 | 0.9 | 1.45 |",
+    ]  # the floor's x32 point at concurrency 1 is not its busiest (native's 8 is)
+    assert "Triton is several processes and has no row" in section
+    plain = synthetic()
+    assert "## Where the server's CPU goes" not in report.render(plain)  # an older JSON
+
+
 def test_the_grpc_floor_has_its_rows_and_says_what_it_is_for() -> None:
     text = report.render(synthetic())
     floor = "| gRPC floor: grpc.aio (uvloop) answering a prebuilt reply |"
