@@ -274,17 +274,10 @@ def request_ended(model: str, version: str, method: str, code: str, seconds: flo
         _observe_request(key, series, method, code, seconds)
 
 
-def observe_request(model: str, version: str, method: str, code: str, seconds: float) -> None:
-    """One call at the end of each request feeds the request, duration and Triton series."""
-    key = (model, version)
-    with _lock:
-        _observe_request(key, _series_of(key), method, code, seconds)
-
-
 def _observe_request(
     key: tuple[str, str], series: _Series, method: str, code: str, seconds: float
 ) -> None:
-    """`observe_request`'s work on `key`'s series; call under `_lock`."""
+    """A finished call feeds the request, duration and Triton series; call under `_lock`."""
     series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
     histogram = series.durations.get(method)
     if histogram is None:

@@ -22,6 +22,12 @@ from tests.prometheus import PrometheusServer, prometheus_binary
 VERSION = "1"
 
 
+def finished_call(model: str, version: str, method: str, code: str, seconds: float) -> None:
+    """A call as the servicers report one: started, then ended with its status and time."""
+    metrics.request_started(model, version)
+    metrics.request_ended(model, version, method, code, seconds)
+
+
 @pytest.fixture
 def metrics_server() -> Iterator[metrics.MetricsServer]:
     server = metrics.start_metrics_server(0, "127.0.0.1")
@@ -43,7 +49,7 @@ def test_metrics_server_serves_the_text_format_on_a_free_port(
     metrics_server: metrics.MetricsServer, model: str
 ) -> None:
     assert metrics_server.port > 0
-    metrics.observe_request(model, VERSION, "Classify", "OK", 0.001)
+    finished_call(model, VERSION, "Classify", "OK", 0.001)
     url = f"http://127.0.0.1:{metrics_server.port}/metrics"
     request = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text"})
     with urllib.request.urlopen(request, timeout=5) as response:
@@ -68,8 +74,8 @@ def test_real_prometheus_scrapes_the_series(
     started = time.monotonic()
     metrics.set_model_state(model, VERSION, "ready", provider="CPUExecutionProvider", kind="cnn")
     for _ in range(3):
-        metrics.observe_request(model, VERSION, "Classify", "OK", 0.002)
-    metrics.observe_request(model, VERSION, "Classify", "INVALID_ARGUMENT", 0.001)
+        finished_call(model, VERSION, "Classify", "OK", 0.002)
+    finished_call(model, VERSION, "Classify", "INVALID_ARGUMENT", 0.001)
     metrics.observe_batch(model, VERSION, 5, [0.001, 0.001, 0.002], 0.004)
 
     labels = f'model="{model}",version="{VERSION}"'
@@ -91,7 +97,7 @@ def test_real_prometheus_scrapes_the_series(
             assert {m["type"] for m in prometheus.metadata(name)} == {"counter"}, name
 
         # Later scrapes pick up new increments: the series is live, not a one-off.
-        metrics.observe_request(model, VERSION, "Classify", "OK", 0.002)
+        finished_call(model, VERSION, "Classify", "OK", 0.002)
         more = prometheus.wait_for(
             f"nv_inference_request_success{{{labels}}}",
             lambda result: bool(result) and only_value(result) == 4,

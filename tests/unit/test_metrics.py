@@ -21,6 +21,12 @@ SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def finished_call(model: str, version: str, method: str, code: str, seconds: float) -> None:
+    """A call as the servicers report one: started, then ended with its status and time."""
+    metrics.request_started(model, version)
+    metrics.request_ended(model, version, method, code, seconds)
+
+
 @pytest.fixture
 def model() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
@@ -46,10 +52,10 @@ def parse(text: str) -> tuple[dict[str, str], list[tuple[str, dict[str, str], fl
     return types, samples
 
 
-def test_observe_request_counts_by_code_and_times_by_method(model: str) -> None:
-    metrics.observe_request(model, VERSION, "Classify", "OK", 0.002)
-    metrics.observe_request(model, VERSION, "Classify", "OK", 0.004)
-    metrics.observe_request(model, VERSION, "ModelInfer", "INVALID_ARGUMENT", 0.001)
+def test_finished_calls_count_by_code_and_time_by_method(model: str) -> None:
+    finished_call(model, VERSION, "Classify", "OK", 0.002)
+    finished_call(model, VERSION, "Classify", "OK", 0.004)
+    finished_call(model, VERSION, "ModelInfer", "INVALID_ARGUMENT", 0.001)
 
     ok = {"method": "Classify", "code": "OK"}
     assert value("cnnserve_requests_total", model, **ok) == 2
@@ -128,7 +134,7 @@ def test_model_info_and_load_time_follow_the_loaded_session(model: str) -> None:
 
 def test_exposition_uses_triton_names_exactly(model: str) -> None:
     metrics.set_model_state(model, VERSION, "ready", provider="CPUExecutionProvider")
-    metrics.observe_request(model, VERSION, "ModelInfer", "OK", 0.001)
+    finished_call(model, VERSION, "ModelInfer", "OK", 0.001)
     metrics.observe_batch(model, VERSION, 3, [0.0005], 0.002)
 
     types, samples = parse(metrics.exposition().decode())
@@ -150,7 +156,7 @@ def test_exposition_uses_triton_names_exactly(model: str) -> None:
 
 def test_every_required_series_is_exposed(model: str) -> None:
     metrics.set_model_state(model, VERSION, "ready", "CPUExecutionProvider", "classifier", 0.1)
-    metrics.observe_request(model, VERSION, "Classify", "OK", 0.001)
+    finished_call(model, VERSION, "Classify", "OK", 0.001)
     metrics.observe_batch(model, VERSION, 1, [0.0001], 0.001)
     metrics.set_queue_depth(model, VERSION, 0)
     metrics.request_started(model, VERSION)
@@ -180,8 +186,8 @@ def test_statistics_agree_with_the_metrics(model: str) -> None:
     empty = metrics.statistics(model, VERSION)
     assert empty["success"] == {"count": 0, "ns": 0} and empty["last_inference"] == 0
 
-    metrics.observe_request(model, VERSION, "Classify", "OK", 0.0031)
-    metrics.observe_request(model, VERSION, "Classify", "DEADLINE_EXCEEDED", 0.0107)
+    finished_call(model, VERSION, "Classify", "OK", 0.0031)
+    finished_call(model, VERSION, "Classify", "DEADLINE_EXCEEDED", 0.0107)
     metrics.observe_batch(model, VERSION, 4, [0.0002, 0.0004], 0.0015)
     metrics.observe_batch(model, VERSION, 2, [0.0003], 0.0009)
     stats = metrics.statistics(model, VERSION)
