@@ -8,6 +8,11 @@ The contract, one batcher per loaded model version:
   so under load batches fill by themselves. At most `max_in_flight` batches run at once;
   while one runs and a slot is free, the next batch waits up to `max_queue_delay` (from its
   oldest request's arrival) to fill, Triton's dynamic batching delay.
+- Small batches that run on the event loop (below) never fill by themselves: each runs before
+  the loop reads the next call. So when the loop's thread has lately been busier than
+  `coalesce_busy` (`loops.Busyness`), a small request waits up to `max_queue_delay` for others
+  to share its inference: its call would queue behind the loop's other work anyway, and one
+  inference for several requests frees the loop for more. An idle loop never makes one wait.
 - A request is never split across batches; one larger than `max_batch_size` runs on its own.
 - Priorities follow Triton: 1 is the highest level, 2 the next, and so on; 0 (the default) is
   below every explicit level. The collector always takes from the highest non-empty level, in
@@ -48,6 +53,7 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
+from service.loops import Busyness
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,11 @@ RunFn = Callable[[np.ndarray, Sequence[str]], dict[str, np.ndarray]]
 
 DEFAULT_PRIORITY = 0
 _DEFAULT_LEVEL = sys.maxsize  # priority 0 queues after every explicit level
+# Small batches that waited on a busy loop and found no company this many times in a row stop
+# waiting for a pause, doubled each time it ends in no company again, up to the longest: a lone
+# client can keep the loop busy too, and must not pay the delay on every call.
+LONE_WAITS = 3
+PAUSE_S = (0.02, 2.0)
 
 
 def _level(priority: int) -> int:
@@ -73,6 +84,8 @@ class BatchPolicy:
     # Batches of at most this many images run on the event loop: for them the hop to the
     # thread pool and back costs more than the inference (0: always the pool).
     inline_images: int = 0
+    # The event loop's busy fraction from which such batches wait to fill (1 or more: never)
+    coalesce_busy: float = 0.8
 
 
 @dataclass(eq=False)
@@ -98,6 +111,7 @@ class Batcher:
         run: RunFn,
         policy: BatchPolicy,
         executor: Executor,
+        busyness: Busyness | None = None,
     ) -> None:
         self.model, self.version = model, version
         self.policy = policy
@@ -111,6 +125,11 @@ class Batcher:
         self._closed = False
         self._running: set[asyncio.Task[None]] = set()  # batches in inference
         self._task: asyncio.Task[None] | None = None
+        self._busyness = busyness
+        self._coalescing = False  # whether the last small request chose to wait for company
+        self._lone_waits = 0  # such waits in a row that found none
+        self._pause_s = PAUSE_S[0]
+        self._paused_until = 0.0
 
     @property
     def queued_images(self) -> int:
@@ -167,7 +186,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
         pending = _Pending(images, tuple(outputs), future, deadline)
-        if n <= self.policy.inline_images and not self._queues and not self._running:
+        if n <= self.policy.inline_images:
+            self._coalescing = self._loop_busy()
+        if n <= self.policy.inline_images and not (
+            self._queues or self._running or self._coalescing
+        ):
             # Nothing waits and nothing runs: the collector would send this batch at once and
             # run it on the loop, so run it here and skip the three task switches of the trip.
             if pending.expired(loop.time()):
@@ -180,6 +203,14 @@ class Batcher:
         metrics.set_queue_depth(self.model, self.version, self._queued_images)
         self._wakeup.set()
         return future
+
+    def _loop_busy(self) -> bool:
+        """Whether the event loop has lately been busy enough for small batches to wait."""
+        if self.policy.coalesce_busy >= 1 or time.perf_counter() < self._paused_until:
+            return False
+        if self._busyness is None:  # made on the loop's own thread, where it is read
+            self._busyness = Busyness()
+        return self._busyness.sample() >= self.policy.coalesce_busy
 
     async def close(self) -> None:
         """Stop taking requests, finish every accepted one, then stop the collector."""
@@ -221,11 +252,13 @@ class Batcher:
                 del self._queues[level]
 
     async def _gather(self) -> list[_Pending]:
-        """Up to max_batch_size images; waits for more only while another batch runs."""
+        """Up to max_batch_size images; waits for more while another batch runs, or for company
+        on a busy loop (module docstring)."""
         limit = self.policy.max_batch_size
         batch = [self._pop()]
         size = len(batch[0].images)
         wait_until = batch[0].enqueued + self.policy.max_queue_delay_s
+        for_company = False
         while size < limit:
             head = self._head()
             if head is not None:
@@ -238,14 +271,30 @@ class Batcher:
                 size += len(item.images)
                 continue
             remaining = wait_until - time.perf_counter()
-            if remaining <= 0 or self._closed or not self._running:
+            # waiting pays while a batch runs, or for a small one on a busy loop (above)
+            fills = self._running or (self._coalescing and size <= self.policy.inline_images)
+            if remaining <= 0 or self._closed or not fills:
                 break
+            for_company = for_company or not self._running
             self._wakeup.clear()  # a new request, or a running batch ending, sets it
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
+        if for_company:
+            self._company_found(len(batch) > 1)
         return batch
+
+    def _company_found(self, found: bool) -> None:
+        """After a wait for company: reset, or count a lone wait and pause waiting (LONE_WAITS)."""
+        if found:
+            self._lone_waits, self._pause_s = 0, PAUSE_S[0]
+            return
+        self._lone_waits += 1
+        if self._lone_waits >= LONE_WAITS:
+            self._paused_until = time.perf_counter() + self._pause_s
+            self._pause_s = min(2 * self._pause_s, PAUSE_S[1])
+            self._lone_waits = LONE_WAITS - 1  # one more lone wait after the pause: a longer one
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()

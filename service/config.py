@@ -47,6 +47,7 @@ class Settings:
     max_queue_images: int = 4096
     max_batches_in_flight: int = 1
     inline_inference_ms: float = 0.25
+    coalesce_loop_busy: float = 0.8
     max_images_per_request: int = 1024
     max_pixels: int = 4096 * 4096
     max_receive_message_mb: int = 256
@@ -92,6 +93,9 @@ HELP: dict[str, str] = {
     "a batch waits up to the queue delay to fill while another runs",
     "inline_inference_ms": "batches predicted (from a timed batch of one at load) to take at "
     "most this long run on the event loop, skipping the thread hop (0: never)",
+    "coalesce_loop_busy": "once the event loop's thread has been busy this fraction of the "
+    "time, a request small enough to run on the loop waits up to the queue delay for others "
+    "to share its inference (0: always; 1: never)",
     "max_images_per_request": "images allowed in one request",
     "max_pixels": "decoded pixels allowed per image (decompression-bomb guard)",
     "max_receive_message_mb": "largest gRPC message the server accepts, in MiB",
@@ -210,6 +214,7 @@ def validate(settings: Settings) -> None:
         (settings.max_queue_images > 0, "max_queue_images must be > 0"),
         (settings.max_batches_in_flight > 0, "max_batches_in_flight must be > 0"),
         (settings.inline_inference_ms >= 0, "inline_inference_ms must be >= 0"),
+        (settings.coalesce_loop_busy >= 0, "coalesce_loop_busy must be >= 0"),
         (settings.max_images_per_request > 0, "max_images_per_request must be > 0"),
         (settings.executor_threads > 0, "executor_threads must be > 0"),
         (settings.decode_threads > 0, "decode_threads must be > 0"),

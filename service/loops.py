@@ -1,4 +1,4 @@
-"""The event loop the server runs on.
+"""The event loop the server runs on, and how busy its thread is.
 
 uvloop by default where it is installed: the gRPC server's per-call work runs on the loop, and
 with uvloop a bare grpc.aio call costs measurably less CPU (docs/BENCHMARKS.md, the `floor`
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 from collections.abc import Callable
 
 CHOICES = ("auto", "uvloop", "asyncio")
@@ -35,3 +36,34 @@ def factory(choice: str) -> LoopFactory | None:
 
         return uvloop.new_event_loop
     return None
+
+
+class Busyness:
+    """How busy the calling thread has lately been: its CPU time over the wall time, measured
+    over windows of at least `window_s`, for the event loop's thread to read from itself.
+
+    A saturated loop is where waiting pays: its calls queue anyway, and one inference shared
+    by several of them frees the loop for the next. Reading the thread's CPU clock is a system
+    call, so it is read once a window, not on every call.
+    """
+
+    def __init__(
+        self,
+        window_s: float = 0.02,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.window_s = window_s
+        self._clock, self._cpu = clock, cpu
+        self._started, self._used = clock(), cpu()
+        self.fraction = 0.0
+
+    def sample(self) -> float:
+        """The busy fraction of the last whole window (0 to 1)."""
+        now = self._clock()
+        if now - self._started >= self.window_s:
+            used = self._cpu()
+            busy = (used - self._used) / (now - self._started)
+            self.fraction = min(max(busy, 0.0), 1.0)
+            self._started, self._used = now, used
+        return self.fraction

@@ -50,6 +50,7 @@ class BatchOverrides:
     max_queue_images: int = 4096
     max_in_flight: int = 1
     inline_ms: float = 0.25  # batches predicted to take at most this long run on the loop
+    coalesce_busy: float = 0.8  # the loop's busy fraction from which those wait to fill
 
 
 @dataclass(eq=False)
@@ -196,6 +197,7 @@ class ModelRepository:
             delay_ms / 1000.0,
             self.batching.max_queue_images,
             self.batching.max_in_flight,
+            coalesce_busy=self.batching.coalesce_busy,
         )
 
     def _inline_images(self, runtime: ModelRuntime, limit: int) -> int:

@@ -75,6 +75,7 @@ class Server:
                 max_queue_images=settings.max_queue_images,
                 max_in_flight=settings.max_batches_in_flight,
                 inline_ms=settings.inline_inference_ms,
+                coalesce_busy=settings.coalesce_loop_busy,
             ),
             self.executor,
             only=settings.models or None,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from service import batching
 from service.batching import Batcher, BatchPolicy
 from service.errors import (
     DeadlineExceeded,
@@ -361,3 +363,134 @@ def test_a_small_request_to_an_idle_batcher_is_answered_inside_submit() -> None:
     np.testing.assert_array_equal(idle["sum"], np.full((2, 1), 784.0))
     np.testing.assert_array_equal(behind["sum"], np.full((1, 1), 3 * 784.0))
     assert recorder.batches == [2, 5, 1]
+
+
+class Busy:
+    """A stand-in for the loop's busyness meter, set by the test."""
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def sample(self) -> float:
+        return self.fraction
+
+
+def on_loop(threads: list[str], recorder: Recorder):
+    def run_and_record(batch: np.ndarray, outputs) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        return recorder(batch, outputs)
+
+    return run_and_record
+
+
+@pytest.mark.parametrize("busy, coalesce_busy", [(0.95, 0.8), (0.5, 0.8), (1.0, 1.0)])
+def test_on_a_busy_loop_small_requests_wait_to_share_one_inference(
+    busy: float, coalesce_busy: float
+) -> None:
+    """Each small request runs on the loop before the next call is read, so those batches never
+    fill by themselves: on a busy loop they wait up to the delay; on an idle one, or with
+    coalescing off (1), never."""
+    threads: list[str] = []
+    recorder = Recorder()
+    waits = busy >= coalesce_busy < 1
+
+    async def main():
+        policy = BatchPolicy(max_queue_delay_s=0.2, inline_images=4, coalesce_busy=coalesce_busy)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="pool")
+        batcher = Batcher("m", "1", on_loop(threads, recorder), policy, executor, Busy(busy))
+        batcher.start()
+        first = batcher.submit(images(1, 1.0), ["sum"])
+        assert first.done() is not waits  # idle: answered inside submit
+        await asyncio.sleep(0.01)
+        second = batcher.submit(images(2, 2.0), ["sum"])
+        started = time.perf_counter()
+        results = await asyncio.gather(first, second)
+        waited = time.perf_counter() - started
+        await batcher.close()
+        return results, waited
+
+    (first, second), waited = run(main())
+    np.testing.assert_array_equal(first["sum"], np.full((1, 1), 784.0))
+    np.testing.assert_array_equal(second["sum"], np.full((2, 1), 2 * 784.0))
+    assert recorder.batches == ([3] if waits else [1, 2])
+    assert threads == [threading.current_thread().name] * len(recorder.batches)  # the loop's
+    if waits:  # the pair went as soon as the delay from the first request's arrival passed
+        assert 0.15 < waited < 1.0
+
+
+def test_a_lone_small_request_on_a_busy_loop_waits_no_longer_than_the_delay() -> None:
+    recorder = Recorder()
+
+    async def main():
+        policy = BatchPolicy(max_queue_delay_s=0.05, inline_images=4)
+        batcher = Batcher("m", "1", recorder, policy, ThreadPoolExecutor(1), Busy(1.0))
+        batcher.start()
+        started = time.perf_counter()
+        result = await batcher.submit(images(1, 1.0), ["sum"])
+        waited = time.perf_counter() - started
+        await batcher.close()
+        return result, waited
+
+    result, waited = run(main())
+    np.testing.assert_array_equal(result["sum"], np.full((1, 1), 784.0))
+    assert recorder.batches == [1] and 0.04 < waited < 1.0
+
+
+def test_a_busy_loop_does_not_hold_batches_too_big_for_it() -> None:
+    """Coalescing is for batches that run on the loop; a larger request goes to the pool at once."""
+    threads: list[str] = []
+    recorder = Recorder()
+
+    async def main():
+        policy = BatchPolicy(max_queue_delay_s=5.0, inline_images=4)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="pool")
+        batcher = Batcher("m", "1", on_loop(threads, recorder), policy, executor, Busy(1.0))
+        batcher.start()
+        started = time.perf_counter()
+        result = await batcher.submit(images(6, 1.0), ["sum"])
+        waited = time.perf_counter() - started
+        await batcher.close()
+        return result, waited
+
+    result, waited = run(main())
+    assert result["sum"].shape == (6, 1) and recorder.batches == [6]
+    assert threads[0].startswith("pool") and waited < 2.0  # not the 5 s delay
+
+
+def test_waits_that_keep_finding_no_company_pause_for_longer_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone client can keep the loop busy too: after LONE_WAITS lone waits its calls run at
+    once for a pause, and one more lone wait after the pause pauses it for twice as long."""
+    monkeypatch.setattr(batching, "PAUSE_S", (0.1, 2.0))  # wide margins for a busy test host
+    recorder = Recorder()
+
+    async def main():
+        policy = BatchPolicy(max_queue_delay_s=0.01, inline_images=4)
+        batcher = Batcher("m", "1", recorder, policy, ThreadPoolExecutor(1), Busy(1.0))
+        batcher.start()
+        answered_at_once = []
+
+        async def lone() -> None:
+            future = batcher.submit(images(1, 1.0), ["sum"])
+            answered_at_once.append(future.done())
+            await future
+            await asyncio.sleep(0.001)  # the batch's task ends too
+
+        for _ in range(batching.LONE_WAITS + 1):
+            await lone()
+        await asyncio.sleep(0.15)  # the first pause (0.1 s) is over
+        await lone()  # waits again, finds no one: paused again, twice as long
+        await asyncio.sleep(0.05)
+        await lone()  # still paused
+        await asyncio.sleep(0.2)
+        pair = [batcher.submit(images(1, 1.0), ["sum"]) for _ in range(2)]
+        answered_at_once.append(pair[0].done())
+        await asyncio.gather(*pair)  # company: the count starts again
+        await batcher.close()
+        return answered_at_once
+
+    answered_at_once = run(main())
+    waits = [False] * batching.LONE_WAITS
+    assert answered_at_once == [*waits, True, False, True, False]
+    assert recorder.batches == [1] * (batching.LONE_WAITS + 3) + [2]
