@@ -232,7 +232,13 @@ def threads(data: dict[str, Any]) -> list[str]:
                 continue
             parts = [s["main_ms_per_call"], s["grpc_ms_per_call"], s["other_ms_per_call"]]
             rows.append(
-                [name(system), w["name"], max(levels), s["calls_per_s"], f"{s['main_busy_pct']:.0f}%"]
+                [
+                    name(system),
+                    w["name"],
+                    max(levels),
+                    s["calls_per_s"],
+                    f"{s['main_busy_pct']:.0f}%",
+                ]
                 + parts
                 + [round(sum(parts), 4)]
             )
