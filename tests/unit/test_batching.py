@@ -418,20 +418,27 @@ def test_on_a_busy_loop_small_requests_wait_to_share_one_inference(
         assert 0.15 < waited < 1.0
 
 
-def test_a_lone_small_request_on_a_busy_loop_waits_no_longer_than_the_delay() -> None:
-    recorder = Recorder()
+def one_request_on_a_busy_loop(run_fn, n: int, delay_s: float) -> tuple[dict, float]:
+    """One request of `n` images to a batcher whose loop reads as fully busy: its answer, and
+    how long it took."""
 
     async def main():
-        policy = BatchPolicy(max_queue_delay_s=0.05, inline_images=4)
-        batcher = Batcher("m", "1", recorder, policy, ThreadPoolExecutor(1), Busy(1.0))
+        policy = BatchPolicy(max_queue_delay_s=delay_s, inline_images=4)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="pool")
+        batcher = Batcher("m", "1", run_fn, policy, executor, Busy(1.0))
         batcher.start()
         started = time.perf_counter()
-        result = await batcher.submit(images(1, 1.0), ["sum"])
+        result = await batcher.submit(images(n, 1.0), ["sum"])
         waited = time.perf_counter() - started
         await batcher.close()
         return result, waited
 
-    result, waited = run(main())
+    return run(main())
+
+
+def test_a_lone_small_request_on_a_busy_loop_waits_no_longer_than_the_delay() -> None:
+    recorder = Recorder()
+    result, waited = one_request_on_a_busy_loop(recorder, 1, delay_s=0.05)
     np.testing.assert_array_equal(result["sum"], np.full((1, 1), 784.0))
     assert recorder.batches == [1] and 0.04 < waited < 1.0
 
@@ -440,19 +447,7 @@ def test_a_busy_loop_does_not_hold_batches_too_big_for_it() -> None:
     """Coalescing is for batches that run on the loop; a larger request goes to the pool at once."""
     threads: list[str] = []
     recorder = Recorder()
-
-    async def main():
-        policy = BatchPolicy(max_queue_delay_s=5.0, inline_images=4)
-        executor = ThreadPoolExecutor(1, thread_name_prefix="pool")
-        batcher = Batcher("m", "1", on_loop(threads, recorder), policy, executor, Busy(1.0))
-        batcher.start()
-        started = time.perf_counter()
-        result = await batcher.submit(images(6, 1.0), ["sum"])
-        waited = time.perf_counter() - started
-        await batcher.close()
-        return result, waited
-
-    result, waited = run(main())
+    result, waited = one_request_on_a_busy_loop(on_loop(threads, recorder), 6, delay_s=5.0)
     assert result["sum"].shape == (6, 1) and recorder.batches == [6]
     assert threads[0].startswith("pool") and waited < 2.0  # not the 5 s delay
 
