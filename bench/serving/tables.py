@@ -253,7 +253,7 @@ def threads(data: dict[str, Any]) -> list[str]:
         "thread, the event loop, under the GIL; gRPC core's own threads move the bytes; the "
         "other threads are inference (the batch threads and ONNX Runtime's pool) and the "
         "metrics endpoint. A main thread near 100% busy decides the throughput whatever the "
-        "other core has left. For the synchronous floor, the handlers run on its pool's "
+        "other cores have left. For the synchronous floor, the handlers run on its pool's "
         "threads, counted as other. Triton is several processes and has no row.",
         "",
         table(
