@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ def headline(subject: str) -> str:
 
 def _change(c: dict[str, Any]) -> str:
     after = c["after"]
+    flags = c["settings"].get("after_args")
+    if flags:  # a setting measured on one tree, with the flags against without
+        return f"`{after['commit']}` with `{shlex.join(flags)}`, against without"
     if after.get("uncommitted_changes"):  # the commit is only where the change started from
         return f"`{after['commit']}` + uncommitted changes"
     subject = c.get("subject")

@@ -16,7 +16,9 @@ Open Inference Protocol protos before tritonclient loads its own (both define pa
 
 Usage: `.venv/bin/python -m bench.serving.compare HEAD~1 [--model lenet5] [--system native|oip]
 [--concurrency 32] [--images-per-request 1] [--seconds 10] [--rounds 3] [--warmup 2]
-[--model-repository bench/models] [--server-args "--max-queue-delay-ms 1"] [--json PATH]`.
+[--model-repository bench/models] [--server-args "--max-queue-delay-ms 1"] [--after-args FLAGS]
+[--json PATH]`. With `--after-args`, the after server also gets those flags: `compare HEAD
+--after-args "--max-queue-delay-ms 2"` measures a setting instead of a code change.
 It prints a table per round, the median of each figure per side with the after/before ratio,
 and one line to paste into the commit message. Exit status 1 when a call failed or a reply
 was wrong on either side (the figures would not compare like with like), else 0.
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-repository", type=Path, default=Path("bench/models"))
     parser.add_argument(
         "--server-args", default="", help='flags for both servers, e.g. "--max-queue-delay-ms 1"'
+    )
+    parser.add_argument(
+        "--after-args",
+        default="",
+        help="flags for the after server only, on top of --server-args: with REV HEAD and a "
+        "clean tree, what a setting does",
     )
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--logs", type=Path, default=Path("bench/results/compare-logs"))
@@ -260,6 +268,8 @@ def one_line(rev: str, commit: str, settings: dict[str, Any], summary: dict[str,
         f"{settings['model']} {settings['system']} c={settings['concurrency']} "
         f"x{settings['images_per_request']} img" + (f" ± {feature}" if feature else "")
     )
+    if settings.get("after_args"):
+        point += f", after with {shlex.join(settings['after_args'])}"
     shown = ("images_per_s", "p99", "cpu_ms_per_call") + (
         ("paired_overhead_ms",) if feature else ()
     )
@@ -276,6 +286,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in names} | {
         "warmup_s": args.warmup,
         "server_args": shlex.split(args.server_args),
+        "after_args": shlex.split(args.after_args),
         "cores": os.cpu_count(),
     }
 
@@ -293,6 +304,7 @@ def measure_rounds(
     Where each side's `service` came from goes into `data`, so the JSON shows it.
     """
     extra = tuple(shlex.split(args.server_args))
+    flags = {"before": extra, "after": extra + tuple(shlex.split(args.after_args))}
     runs: list[dict[str, Any]] = []
     with worktree(args.rev) as before_tree:
         trees = {"before": before_tree, "after": ROOT}
@@ -308,7 +320,9 @@ def measure_rounds(
             for side in sides:
                 log = logs / f"{side}-{n}.log"
                 tree = trees[side]
-                server = Server(repository, (args.model,), log, extra, cwd=tree, env=tree_env(tree))
+                server = Server(
+                    repository, (args.model,), log, flags[side], cwd=tree, env=tree_env(tree)
+                )
                 result = {"round": n, "side": side} | run_side(server, requests, work, args, logs)
                 this_round.append(result)
             runs += this_round

@@ -473,6 +473,14 @@ def test_an_uncommitted_change_names_no_subject_and_pipes_stay_in_their_cell() -
     assert '--server-args "--x a\\|b"`' in text
 
 
+def test_a_setting_measured_on_one_tree_is_named_by_its_flags_not_the_subject() -> None:
+    change = compared("2026-01-02 10:00:00 UTC", "bbb", subject="bench results: a run")
+    change["settings"]["after_args"] = ["--max-queue-delay-ms", "2"]
+    text = report.render(synthetic() | {"changes": [change]})
+    assert "| `bbb` with `--max-queue-delay-ms 2`, against without |" in text
+    assert "bench results" not in text
+
+
 def test_a_change_is_named_by_its_subjects_first_sentence_without_asides() -> None:
     subject = (
         "service: fewer calls (the gate knows it once; submit() runs inline) on the hot path. "

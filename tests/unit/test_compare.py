@@ -148,3 +148,34 @@ def test_importing_it_leaves_our_oip_protos_unloaded() -> None:
     code = "import sys, bench.serving.compare; print('grpc_service_pb2' in str(list(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=compare.ROOT, capture_output=True)
     assert out.stdout.decode().strip() == "False", out.stderr.decode()
+
+
+def test_after_args_measure_a_setting_on_the_after_server_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if not shutil.which("git") or not (compare.ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    args = compare.build_parser().parse_args(
+        ["HEAD", "--server-args", "--log-level info", "--after-args", "--max-queue-delay-ms 2"]
+        + ["--rounds", "2"]
+    )
+    settings = compare.settings_of(args)
+    assert settings["after_args"] == ["--max-queue-delay-ms", "2"]
+    started: list[tuple[str, tuple[str, ...]]] = []
+
+    class FakeServer:
+        def __init__(self, repository, models, log, extra, cwd, env) -> None:
+            started.append((Path(log).stem.split("-")[0], tuple(extra)))
+
+    monkeypatch.setattr(compare, "Server", FakeServer)
+    figures = {k: v for k, v in run("x", 1000, 4.0, 1.0).items() if k != "side"}
+    monkeypatch.setattr(compare, "run_side", lambda *a: figures)
+    data: dict = {"before": {}, "after": {}}
+    runs = compare.measure_rounds(args, data, None, None, tmp_path, tmp_path)
+    assert runs is not None and len(runs) == 4
+    both = ("--log-level", "info")
+    assert set(started) == {("before", both), ("after", (*both, "--max-queue-delay-ms", "2"))}
+    assert sorted(r["side"] for r in runs) == ["after", "after", "before", "before"]
+    summary = compare.summarise(runs)
+    line = compare.one_line("HEAD", "abc1234", settings | {"concurrency": 32}, summary)
+    assert "lenet5 native c=32 x1 img, after with --max-queue-delay-ms 2:" in line
