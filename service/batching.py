@@ -188,16 +188,14 @@ class Batcher:
         pending = _Pending(images, tuple(outputs), future, deadline)
         if n <= self.policy.inline_images:
             self._coalescing = self._loop_busy()
-        if n <= self.policy.inline_images and not (
-            self._queues or self._running or self._coalescing
-        ):
-            # Nothing waits and nothing runs: the collector would send this batch at once and
-            # run it on the loop, so run it here and skip the three task switches of the trip.
-            if pending.expired(loop.time()):
-                future.set_exception(DeadlineExceeded("deadline passed before inference began"))
-            else:
-                self._run_inline([pending])
-            return future
+            if not (self._queues or self._running or self._coalescing):
+                # Nothing waits and nothing runs: the collector would send this batch at once
+                # and run it on the loop, so run it here and skip the three task switches.
+                if pending.expired(loop.time()):
+                    future.set_exception(DeadlineExceeded("deadline passed before inference began"))
+                else:
+                    self._run_inline([pending])
+                return future
         self._queues.setdefault(level, collections.deque()).append(pending)
         self._queued_images += n
         metrics.set_queue_depth(self.model, self.version, self._queued_images)

@@ -266,30 +266,24 @@ def request_started(model: str, version: str) -> None:
 
 
 def request_ended(model: str, version: str, method: str, code: str, seconds: float) -> None:
-    """A call that `request_started` ended, however: no longer in flight, and observed."""
+    """A call that `request_started` ended, however: no longer in flight, and counted in the
+    request, duration and Triton series."""
     key = (model, version)
     with _lock:
         series = _series_of(key)
         series.inflight -= 1
-        _observe_request(key, series, method, code, seconds)
-
-
-def _observe_request(
-    key: tuple[str, str], series: _Series, method: str, code: str, seconds: float
-) -> None:
-    """A finished call feeds the request, duration and Triton series; call under `_lock`."""
-    series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
-    histogram = series.durations.get(method)
-    if histogram is None:
-        histogram = series.durations[method] = _Histogram(DURATION_BUCKETS)
-    histogram.observe(seconds)
-    totals = _totals_of(key)
-    if code == "OK":
-        totals.success_count += 1
-        totals.success_ns += round(seconds * 1e9)
-    else:
-        totals.failure_count += 1
-        totals.failure_ns += round(seconds * 1e9)
+        series.requests[(method, code)] = series.requests.get((method, code), 0) + 1
+        histogram = series.durations.get(method)
+        if histogram is None:
+            histogram = series.durations[method] = _Histogram(DURATION_BUCKETS)
+        histogram.observe(seconds)
+        totals = _totals_of(key)
+        if code == "OK":
+            totals.success_count += 1
+            totals.success_ns += round(seconds * 1e9)
+        else:
+            totals.failure_count += 1
+            totals.failure_ns += round(seconds * 1e9)
 
 
 def observe_batch(

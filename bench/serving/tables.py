@@ -221,13 +221,16 @@ def threads(data: dict[str, Any]) -> list[str]:
     busy = busy_concurrency(data)
     rows = []
     for w in data.get("workloads", []):
-        levels = [
-            p["concurrency"]
-            for p in data.get("points", [])
-            if p["workload"] == w["name"] and p["concurrency"] <= busy
-        ]
+        level = max(
+            (
+                p["concurrency"]
+                for p in data.get("points", [])
+                if p["workload"] == w["name"] and p["concurrency"] <= busy
+            ),
+            default=0,
+        )
         for system in measured(data):
-            s = point(data, system, w["name"], max(levels, default=0))
+            s = point(data, system, w["name"], level)
             if s is None or s.get("main_ms_per_call") is None:
                 continue
             parts = [s["main_ms_per_call"], s["grpc_ms_per_call"], s["other_ms_per_call"]]
@@ -235,7 +238,7 @@ def threads(data: dict[str, Any]) -> list[str]:
                 [
                     name(system),
                     w["name"],
-                    max(levels),
+                    level,
                     s["calls_per_s"],
                     f"{s['main_busy_pct']:.0f}%",
                 ]
