@@ -103,6 +103,7 @@ class ModelRuntime:
         # CUDA kernels need no CPU operator threads: a pool would only spin beside the loop
         threads = options.threads() if requested == [CPU] else 1
         self.session = _session(path, options, threads, requested)
+        self._new_session = functools.partial(_session, path, options, threads, requested)
         self.session.disable_fallback()
         self.provider = self.session.get_providers()[0]
         kind, _ = parse_device(options.device)
@@ -121,8 +122,10 @@ class ModelRuntime:
         self.single_images = 0
         self.single_seconds: dict[int, float] = {}  # the same timings for `single`
         self.batch_seconds: dict[int, float] = {}  # images -> seconds, measured by warm_up
-        # On CUDA, the batch sizes a batch is padded up to (see padded_sizes); empty: as is
+        # On CUDA, the batch sizes a batch is padded up to, each run by a session of its own
+        # (see padded_sizes); empty on the CPU, where every batch runs as it is
         self.padded_sizes: tuple[int, ...] = ()
+        self._sized: dict[int, ort.InferenceSession] = {}
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         # ONNX Runtime's CUDA provider keeps its cuDNN and cuBLAS state per calling thread
@@ -170,13 +173,19 @@ class ModelRuntime:
         return {name: value[:images] for name, value in self._infer(batch, outputs).items()}
 
     def _infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        session = self.single if len(batch) <= self.single_images else self.session
-        assert session is not None
+        session = self._session_for(len(batch))
         try:
             values = session.run(list(outputs), {self.input_name: batch})
         except Exception as error:
             raise InferenceFailed(f"inference failed: {error}") from error
         return dict(zip(outputs, values, strict=True))
+
+    def _session_for(self, images: int) -> ort.InferenceSession:
+        if images in self._sized:
+            return self._sized[images]
+        if self.single is not None and images <= self.single_images:
+            return self.single
+        return self.session
 
     def warm_up(self, max_batch_size: int, loop_budget_s: float = 0.0) -> None:
         """See `_warm_up`; on CUDA it runs on the session's own thread, as every call does."""
@@ -188,9 +197,9 @@ class ModelRuntime:
     def _warm_up(self, max_batch_size: int, loop_budget_s: float) -> None:
         """Run the largest and the smallest batch once, so first requests pay no allocation;
         then time batches of TIMED_SIZES (the median of a few runs each). On CUDA, run each
-        of `padded_sizes` once instead: the first run of a shape is when cuDNN picks its
-        convolution algorithms, by trying them all (ONNX Runtime's default), and that must
-        not happen while serving.
+        of `padded_sizes` once instead, each on its own session: the first run of a shape is
+        when cuDNN picks its convolution algorithms, by trying them all (ONNX Runtime's
+        default), and that must not happen while serving.
 
         `loop_budget_s`: the longest batch the event loop runs. Where one image on the pool
         takes at most the thread count times that, the one-thread session is created and
@@ -199,12 +208,14 @@ class ModelRuntime:
         the loop and its twin would only cost memory and start-up time.
         """
         if self.provider == CUDA:
-            self.padded_sizes = padded_sizes(max_batch_size)
+            self.pad_batches_to(padded_sizes(max_batch_size))
         for size in self.padded_sizes or sorted({1, max(1, max_batch_size)}):
-            self.session.run(self.output_names, {self.input_name: self._zeros(size)})
+            self._session_for(size).run(self.output_names, {self.input_name: self._zeros(size)})
         self.batch_seconds = {
-            size: self._median_seconds(self.session, size) for size in TIMED_SIZES
+            size: self._median_seconds(self._session_for(size), size) for size in TIMED_SIZES
         }
+        if self._sized:  # a timed size over the limit ran on the largest size's session
+            self.session.run(self.output_names, {self.input_name: self._zeros(max(self._sized))})
         if self._twin is None:
             return
         path, options = self._twin
@@ -215,6 +226,14 @@ class ModelRuntime:
         # sees: warming it at the largest batch would double the memory for nothing
         self.single_seconds = {
             size: self._median_seconds(self.single, size) for size in TIMED_SIZES
+        }
+
+    def pad_batches_to(self, sizes: tuple[int, ...]) -> None:
+        """Pad every batch up to one of `sizes` (the last the largest), each size run by a
+        session of its own, so no session ever sees a second shape (see padded_sizes)."""
+        self.padded_sizes = sizes
+        self._sized = {
+            size: self.session if size == sizes[-1] else self._new_session() for size in sizes
         }
 
     def use_single_for(self, images: int) -> None:
@@ -279,6 +298,11 @@ def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
     section shows the suite's run before this). Padding to these few sizes, each searched
     once at warm-up, costs at most twice the images' compute, which a GPU running a batch of
     at most `max_batch_size` small images hardly notices.
+
+    Each size gets a session of its own: ONNX Runtime's CUDA convolutions keep the state of
+    the last shape they ran, so one session whose batch size changes pays for setting up the
+    convolutions again at every change, even back to a shape it has run before
+    (`python -m bench.gpu_shapes` measures both).
     """
     sizes, size = [], 1
     while size < max_batch_size:

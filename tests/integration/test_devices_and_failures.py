@@ -95,7 +95,12 @@ def test_cuda_gives_every_model_the_cpu_answers(tiny_repository: Path, fmnist) -
             ]
             parts = [call.result() for call in calls]
         together = np.concatenate([part["probabilities"] for part in parts])
-        np.testing.assert_allclose(together, got["probabilities"][:48], atol=1e-4)
+        # batches of 4 and of 64 run on different sessions, whose cuDNN algorithms (TF32
+        # among them) round differently; a call mixed up between threads would be off by far
+        # more than this
+        np.testing.assert_allclose(
+            together, got["probabilities"][:48], atol=1e-3, err_msg=f"{name}: threads"
+        )
         gpu.close()
 
 
