@@ -617,3 +617,47 @@ def test_a_failed_start_up_measurement_says_why() -> None:
     gpu = gpu_run() | {"footprint": {"error": "--device cuda: cnnserve serve reports mlp: FAILED"}}
     part = gpu_part(report.render(synthetic(), gpu))
     assert "start-up and memory: not measured (--device cuda: cnnserve serve reports mlp" in part
+
+
+def test_every_gpu_run_kept_is_listed_oldest_first(tmp_path: Path) -> None:
+    older = gpu_run() | {"date": "2026-01-01 00:00:00 UTC", "revision": "aaa"}
+    for p in older["points"]:
+        if p["system"] in ("native", "oip"):
+            p["summary"] = p["summary"] | {"images_per_s": 10.0}
+    (tmp_path / "serving-cuda-aaa.json").write_text(json.dumps(older))
+    newer = gpu_run() | {"date": "2026-02-01 00:00:00 UTC", "revision": "bbb"}
+    (tmp_path / "serving-cuda.json").write_text(json.dumps(newer))
+    loaded = report.load(tmp_path / "serving-cuda.json")
+    assert loaded is not None and [run["revision"] for run in loaded["history"]] == ["aaa", "bbb"]
+    part = gpu_part(report.render(synthetic(), loaded))
+    rows = [line for line in part.split("### Every GPU run")[1].splitlines() if "| `" in line]
+    assert rows[0].startswith("| `aaa` | 2026-01-01 00:00:00 UTC |")
+    assert rows[-1].startswith("| `bbb` | 2026-02-01 00:00:00 UTC |")
+    newest = [row for row in rows if "`bbb`" in row]
+    # OIP 3,000 against naive 1,000; resnet has no naive point, so no ratio
+    assert any(row.endswith("| lenet5 x1 | 32 | – | 3,000 | 1,000 | 3.00 x |") for row in newest)
+    assert any(row.endswith("| resnet x1 | 32 | 800 | – | – | – |") for row in newest)
+    assert all("| 10 |" in row for row in rows if "`aaa`" in row)
+    # one run alone has nothing to be set beside
+    assert "### Every GPU run" not in gpu_part(report.render(synthetic(), gpu_run()))
+
+
+def test_the_batch_size_changes_are_shown_when_measured(tmp_path: Path) -> None:
+    (tmp_path / "serving-cuda.json").write_text(json.dumps(gpu_run()))
+    shapes = {
+        "command": "python -m bench.gpu_shapes",
+        "date": "2026-02-01 00:00:00 UTC",
+        "onnxruntime": "1.31.1",
+        "device": "cuda",
+        "cycle": [1, 2, 1],
+        "models": {"resnet": {"one session": {"median_ms": 191.0, "max_ms": 250.0}}},
+        "note": "a note",
+    }
+    loaded = report.load(tmp_path / "serving-cuda.json")
+    assert loaded is not None and loaded["shapes"] is None
+    assert "Batch-size changes" not in gpu_part(report.render(synthetic(), loaded))
+    (tmp_path / "gpu-shapes.json").write_text(json.dumps(shapes))
+    part = gpu_part(report.render(synthetic(), report.load(tmp_path / "serving-cuda.json")))
+    assert "### Batch-size changes on one CUDA session" in part
+    assert "Batch sizes cycle through 1, 2, 1" in part and "Note: a note." in part
+    assert "| resnet | one session | 191 | 250 |" in part
