@@ -23,8 +23,9 @@ The contract, one batcher per loaded model version:
 - The batch runs in a thread pool (ONNX Runtime releases the GIL), or on the loop itself when
   it holds at most `inline_images` images (a tiny model's small batch takes less time than the
   hop to a thread and back); such a request reaching an idle batcher (nothing queued, no
-  batch running) runs inside `submit()`, without the trip through the collector task. Only
-  the union of the outputs its requests asked for is fetched.
+  batch running) runs inside `submit()`, without the trip through the collector task, and
+  the collector runs a small batch itself, without a task of its own. Only the union of the
+  outputs its requests asked for is fetched.
   Outputs are split back by each request's size, and the sizes must add up. A failing batch
   fails its own requests, and only those.
 """
@@ -53,7 +54,7 @@ from service.errors import (
     ServiceError,
     Unavailable,
 )
-from service.loops import Busyness
+from service.loops import Busyness, Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Batcher:
         self._queues: dict[int, collections.deque[_Pending]] = {}
         self._queued_images = 0
         self._reserved_images = 0  # admitted, still being decoded: the bound counts them too
-        self._wakeup = asyncio.Event()
+        self._wakeup = Wakeup()
         self._closed = False
         self._running: set[asyncio.Task[None]] = set()  # batches in inference
         self._task: asyncio.Task[None] | None = None
@@ -275,9 +276,7 @@ class Batcher:
                 break
             for_company = for_company or not self._running
             self._wakeup.clear()  # a new request, or a running batch ending, sets it
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            if not await self._wakeup.wait(remaining):
                 break
         if for_company:
             self._company_found(len(batch) > 1)
@@ -307,7 +306,9 @@ class Batcher:
             batch = await self._gather()
             batch = [p for p in batch if not p.future.done()]
             metrics.set_queue_depth(self.model, self.version, self._queued_images)
-            if batch:
+            if batch and sum(len(p.images) for p in batch) <= self.policy.inline_images:
+                self._run_inline(batch)  # on the loop, now: a task would only add switches
+            elif batch:
                 task = loop.create_task(self._execute(batch))
                 self._running.add(task)
                 task.add_done_callback(self._batch_done)
@@ -317,9 +318,6 @@ class Batcher:
         self._wakeup.set()
 
     async def _execute(self, batch: list[_Pending]) -> None:
-        if sum(len(p.images) for p in batch) <= self.policy.inline_images:
-            self._run_inline(batch)
-            return
         started = time.perf_counter()
         images, wanted = _merged(batch)
         loop = asyncio.get_running_loop()

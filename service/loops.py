@@ -67,3 +67,47 @@ class Busyness:
             self.fraction = min(max(busy, 0.0), 1.0)
             self._started, self._used = now, used
         return self.fraction
+
+
+class Wakeup:
+    """An asyncio.Event for a single waiter whose wait may time out.
+
+    The batcher's collector waits on one of these for every batch it gathers on a busy loop;
+    `asyncio.wait_for(event.wait(), t)` makes a task, two futures and a timer for each such
+    wait, where one future and a timer do.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[bool] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until `set` (True) or, given a timeout, until it passes (False)."""
+        if self._set:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _time_out, waiter)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _time_out(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

@@ -55,3 +55,30 @@ def test_busyness_reads_the_calling_threads_cpu_time() -> None:
     assert busy.sample() > 0.5  # this thread spun the whole time (a shared core lowers it)
     time.sleep(0.05)
     assert busy.sample() < 0.5
+
+
+def test_a_wakeup_is_an_event_whose_wait_may_time_out() -> None:
+    async def scenario() -> None:
+        wakeup = loops.Wakeup()
+        started = time.perf_counter()
+        assert await wakeup.wait(0.02) is False  # nobody set it: the timeout ends the wait
+        assert time.perf_counter() - started >= 0.015
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, wakeup.set)
+        assert await wakeup.wait(5.0) is True and wakeup.is_set()  # set during the wait
+        assert await wakeup.wait(0.0) is True  # still set: no wait at all
+        wakeup.clear()
+        assert not wakeup.is_set() and await wakeup.wait(0.0) is False
+        loop.call_later(0.01, wakeup.set)
+        assert await wakeup.wait() is True  # no timeout: until set
+        # a cancelled waiter leaves nothing behind: a later set and wait work as before
+        wakeup.clear()
+        waiting = asyncio.ensure_future(wakeup.wait(5.0))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        wakeup.set()
+        assert await wakeup.wait(0.0) is True
+
+    asyncio.run(scenario())
