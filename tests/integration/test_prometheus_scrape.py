@@ -18,14 +18,9 @@ import pytest
 
 from service import metrics
 from tests.prometheus import PrometheusServer, prometheus_binary
+from tests.unit.test_metrics import finished_call
 
 VERSION = "1"
-
-
-def finished_call(model: str, version: str, method: str, code: str, seconds: float) -> None:
-    """A call as the servicers report one: started, then ended with its status and time."""
-    metrics.request_started(model, version)
-    metrics.request_ended(model, version, method, code, seconds)
 
 
 @pytest.fixture
