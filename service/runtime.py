@@ -102,9 +102,9 @@ class ModelRuntime:
         requested = providers_for(options.device)
         # CUDA kernels need no CPU operator threads: a pool would only spin beside the loop
         threads = options.threads() if requested == [CPU] else 1
-        self.session = _session(path, options, threads, requested)
-        self._new_session = functools.partial(_session, path, options, threads, requested)
-        self.session.disable_fallback()
+        # every session of the model, the per-size ones on CUDA too: no fallback to the CPU
+        self._new_session = functools.partial(_strict_session, path, options, threads, requested)
+        self.session = self._new_session()
         self.provider = self.session.get_providers()[0]
         kind, _ = parse_device(options.device)
         if kind == "cuda" and self.provider != CUDA:
@@ -287,6 +287,18 @@ def _session(
         return ort.InferenceSession(str(path), session_options, providers=providers)
     except Exception as error:  # ORT raises its own Fail/InvalidGraph types
         raise LoadError(f"ONNX Runtime could not load {path.name}: {error}") from error
+
+
+def _strict_session(
+    path: Path,
+    options: RuntimeOptions,
+    threads: int,
+    providers: list[str | tuple[str, dict[str, str]]],
+) -> ort.InferenceSession:
+    """A session whose `run` fails instead of retrying on the CPU after a CUDA error."""
+    session = _session(path, options, threads, providers)
+    session.disable_fallback()
+    return session
 
 
 def padded_sizes(max_batch_size: int) -> tuple[int, ...]:
