@@ -103,9 +103,10 @@ bench-quick: setup
 # The same suite on a GPU, with ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu:
 # the `gpu` extra); it stops with exit status 2 before measuring anything if sessions would not
 # run on CUDA. Triton (CPU-only here) is skipped, and the models come from bench/models as the
-# CPU run left them. It writes only bench/results/serving-cuda.json; `make bench-report` (or the
-# next `make bench`) renders docs/BENCHMARKS.md from both runs' JSON, the GPU figures in a
-# section of their own after the CPU ones. About 4 minutes on 16 cores (see bench/serving).
+# CPU run left them. It writes only bench/results/serving-cuda.json, keeping the run already
+# there as serving-cuda-<its commit>.json; `make bench-report` (or the next `make bench`)
+# renders docs/BENCHMARKS.md from both runs' JSON, the GPU figures in a section of their own
+# after the CPU ones, with a table of every GPU run kept. About 4 minutes on 16 cores (see bench/serving).
 GPU_BENCH_ARGS ?= --systems raw,native,oip,naive,floor --repeats 1 --seconds 1 --no-family
 bench-gpu: setup
 	$(BIN)/python -m bench.serving --device cuda $(GPU_BENCH_ARGS)

@@ -10,7 +10,9 @@ tables every run gets, CPU or GPU, are `tables`'; this module adds what is the C
 
 A GPU run's JSON (`python -m bench.serving --device cuda`, bench/results/serving-cuda.json)
 adds a section after the CPU figures, `On a GPU`, when the file exists: the same tables with
-the GPU's own raw limit as `vs limit`, and no goal verdicts, the goals being CPU goals.
+the GPU's own raw limit as `vs limit`, and no goal verdicts, the goals being CPU goals. A new
+GPU run keeps the one before it (`keep_previous`), and the section sets every kept run side by
+side (`gpu_tables`).
 
 `python -m bench.serving.report [--data bench/results/serving.json] [--gpu-data
 bench/results/serving-cuda.json] [--changes bench/results/changes] [--docs docs/BENCHMARKS.md]`
@@ -348,6 +350,22 @@ def load(path: Path | None) -> dict[str, Any] | None:
         "history": sorted(kept, key=lambda run: run["date"]),
         "shapes": json.loads(shapes.read_text()) if shapes.is_file() else None,
     }
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Before a GPU run writes `path`, the run already there is renamed after its commit
+    (`serving-cuda-<commit>.json`, its date added if that name is taken), so `load` still
+    finds it for the table of every GPU run. None when there was none."""
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    tag = (old.get("revision") or "unknown").replace("+", "-dirty")
+    kept = path.with_name(f"{path.stem}-{tag}{path.suffix}")
+    if kept.exists():
+        stamp = old["date"].replace(" UTC", "").replace(" ", "T").replace(":", "")
+        kept = path.with_name(f"{path.stem}-{tag}-{stamp}{path.suffix}")
+    path.rename(kept)
+    return kept
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -403,6 +403,8 @@ def run(args: argparse.Namespace, systems: list[str]) -> int:
     # The goals are CPU goals (issue 8): a GPU run's figures are shown without verdicts.
     data["goals"] = [] if device.is_gpu(args.device) else goals.compute(data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if device.is_gpu(args.device) and (kept := report.keep_previous(args.out)):
+        print(f"the previous GPU run is kept as {kept}")
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     if args.docs:  # a CPU run; a GPU run's JSON reaches the docs through bench.serving.report
         gpu = report.load(args.gpu_data)

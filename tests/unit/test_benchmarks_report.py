@@ -661,3 +661,17 @@ def test_the_batch_size_changes_are_shown_when_measured(tmp_path: Path) -> None:
     assert "### Batch-size changes on one CUDA session" in part
     assert "Batch sizes cycle through 1, 2, 1" in part and "Note: a note." in part
     assert "| resnet | one session | 191 | 250 |" in part
+
+
+def test_a_new_gpu_run_keeps_the_one_before_under_its_commit(tmp_path: Path) -> None:
+    path = tmp_path / "serving-cuda.json"
+    assert report.keep_previous(path) is None  # nothing there yet
+    path.write_text(json.dumps(gpu_run() | {"revision": "abc1234+"}))
+    kept = report.keep_previous(path)
+    assert kept == tmp_path / "serving-cuda-abc1234-dirty.json" and not path.exists()
+    path.write_text(json.dumps(gpu_run() | {"revision": "abc1234+"}))  # the same commit again
+    again = report.keep_previous(path)
+    assert again is not None and again.name.startswith("serving-cuda-abc1234-dirty-2026")
+    path.write_text(json.dumps(gpu_run()))
+    loaded = report.load(path)
+    assert loaded is not None and len(loaded["history"]) == 3
