@@ -92,7 +92,12 @@ def run_header(module: str, quick: bool, repository: Path) -> dict[str, Any]:
 
 
 def revision() -> str | None:
-    """The commit the figures were measured at (a '+' when the tree had changes), if known."""
+    """The commit the figures were measured at (a '+' when the tree had changes), if known.
+
+    `$CNNSERVE_REVISION` names it where git cannot: a copy of the tree whose git metadata is
+    not its own (a machine lent for a GPU run gets the files, not always the history)."""
+    if named := os.environ.get("CNNSERVE_REVISION"):
+        return named
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
