@@ -30,19 +30,20 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime import CPU, CUDA, providers_for
+from service.runtime import CUDA, RuntimeOptions, make_session, providers_for
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 CYCLE = (1, 2, 4, 8, 1, 4, 2, 8, 64, 1)  # a batcher's sizes under a varying load
-SEARCHES = {"one session": None, "one session, HEURISTIC": "HEURISTIC"}
-SEARCHES["one session, DEFAULT"] = "DEFAULT"
+SEARCHES = {
+    "one session": None,
+    "one session, HEURISTIC": "HEURISTIC",
+    "one session, DEFAULT": "DEFAULT",
+}
 Run = Callable[[int], None]
 
 
 def _session(path: Path, providers: list, search: str | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    """A one-thread session as cnnserve makes them, with `search` as cuDNN's algorithm search."""
     if search is not None:  # only the CUDA provider has the option
         providers = [
             (entry[0], {**entry[1], "cudnn_conv_algo_search": search})
@@ -50,15 +51,15 @@ def _session(path: Path, providers: list, search: str | None) -> ort.InferenceSe
             else entry
             for entry in providers
         ]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return make_session(path, RuntimeOptions(), 1, providers)
 
 
 def _runner(sessions: dict[int, ort.InferenceSession], images: np.ndarray) -> Run:
     """Run a batch of `size` images on the session for that size (or the only one)."""
+    name = next(iter(sessions.values())).get_inputs()[0].name  # looked up once, not timed
 
     def run(size: int) -> None:
-        session = sessions.get(size) or sessions[0]
-        session.run(None, {session.get_inputs()[0].name: images[:size]})
+        (sessions.get(size) or sessions[0]).run(None, {name: images[:size]})
 
     return run
 
@@ -75,12 +76,11 @@ def _milliseconds(run: Run, sizes: tuple[int, ...], cycles: int) -> list[float]:
 
 def measure(path: Path, providers: list, cycles: int) -> dict[str, dict[str, float]]:
     """Each way's median and worst call while sizes cycle; `steady` at the cycle's sizes."""
-    inputs = ort.InferenceSession(str(path), providers=[CPU]).get_inputs()[0].shape[1:]
-    images = np.random.default_rng(0).random((max(SIZES), *inputs), dtype=np.float32)
-    ways: dict[str, Run] = {}
-    for label, search in SEARCHES.items():
-        ways[label] = _runner({0: _session(path, providers, search)}, images)
+    one = {label: {0: _session(path, providers, search)} for label, search in SEARCHES.items()}
     per_size = {size: _session(path, providers, None) for size in SIZES}
+    inputs = per_size[1].get_inputs()[0].shape[1:]
+    images = np.random.default_rng(0).random((max(SIZES), *inputs), dtype=np.float32)
+    ways = {label: _runner(sessions, images) for label, sessions in one.items()}
     ways["session per size"] = _runner(per_size, images)
     results = {}
     for label, run in ways.items():

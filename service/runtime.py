@@ -221,7 +221,7 @@ class ModelRuntime:
         path, options = self._twin
         if self.batch_seconds[1] > options.threads() * loop_budget_s:
             return
-        self.single = _session(path, options, 1, [CPU])
+        self.single = make_session(path, options, 1, [CPU])
         # only small batches ever run on it, and its memory arena grows only to what it
         # sees: warming it at the largest batch would double the memory for nothing
         self.single_seconds = {
@@ -268,12 +268,13 @@ class ModelRuntime:
         return list(self.session.get_inputs()[0].shape[1:])
 
 
-def _session(
+def make_session(
     path: Path,
     options: RuntimeOptions,
     threads: int,
     providers: list[str | tuple[str, dict[str, str]]],
 ) -> ort.InferenceSession:
+    """One session made as cnnserve makes its own (bench.gpu_shapes makes its sessions so)."""
     session_options = ort.SessionOptions()
     session_options.intra_op_num_threads = threads
     session_options.inter_op_num_threads = options.inter_op_threads
@@ -296,7 +297,7 @@ def _strict_session(
     providers: list[str | tuple[str, dict[str, str]]],
 ) -> ort.InferenceSession:
     """A session whose `run` fails instead of retrying on the CPU after a CUDA error."""
-    session = _session(path, options, threads, providers)
+    session = make_session(path, options, threads, providers)
     session.disable_fallback()
     return session
 
