@@ -30,7 +30,6 @@ CPU = "CPUExecutionProvider"
 WARM_UP_TIMINGS = 5
 TIMED_SIZES = (1, 8)
 CUDA = "CUDAExecutionProvider"
-SPLIT_FROM = 8  # CPU batches of this many images or more run as halves on one-thread sessions
 
 
 class LoadError(Exception):
@@ -139,12 +138,6 @@ class ModelRuntime:
             if self.provider == CUDA
             else None
         )
-        # Trial: a big CPU batch runs as two halves at once, each on one thread, instead of
-        # one run whose every operator is split across the pool's threads
-        self._halves: ort.InferenceSession | None = None
-        if self.provider == CPU and threads == 2:
-            self._halves = make_session(path, options, 1, [CPU])
-            self._half_thread = ThreadPoolExecutor(1, thread_name_prefix="half")
 
     def close(self) -> None:
         """Let the CUDA session's thread end once its calls are done (the version is dropped)."""
@@ -180,26 +173,12 @@ class ModelRuntime:
         return {name: value[:images] for name, value in self._infer(batch, outputs).items()}
 
     def _infer(self, batch: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        if self._halves is not None and not self._sized and len(batch) >= SPLIT_FROM:
-            return self._in_halves(self._halves, batch, list(outputs))
         session = self._session_for(len(batch))
         try:
             values = session.run(list(outputs), {self.input_name: batch})
         except Exception as error:
             raise InferenceFailed(f"inference failed: {error}") from error
         return dict(zip(outputs, values, strict=True))
-
-    def _in_halves(
-        self, session: ort.InferenceSession, batch: np.ndarray, outputs: list[str]
-    ) -> dict[str, np.ndarray]:
-        half = (len(batch) + 1) // 2
-        second = self._half_thread.submit(session.run, outputs, {self.input_name: batch[half:]})
-        try:
-            first = session.run(outputs, {self.input_name: batch[:half]})
-            rest = second.result()
-        except Exception as error:
-            raise InferenceFailed(f"inference failed: {error}") from error
-        return {n: np.concatenate([a, b]) for n, a, b in zip(outputs, first, rest, strict=True)}
 
     def _session_for(self, images: int) -> ort.InferenceSession:
         if images in self._sized:
