@@ -2,8 +2,9 @@
 
 A performance commit measures its effect with `python -m bench.serving.compare REV --json
 bench/results/changes/<date>-<name>.json` (see that folder's README). `load` reads the folder
-and asks git for each change's commit subject, so `section`, called from the pure
-`report.render`, turns the list into markdown without touching git or the disk.
+and asks git for each change's commit subject, and for the commit that reverted it where one
+did (a change tried, measured and dropped stays in the table, marked), so `section`, called
+from the pure `report.render`, turns the list into markdown without touching git or the disk.
 """
 
 from __future__ import annotations
@@ -24,22 +25,35 @@ HEADERS += ["Server CPU ms per call", "Throughput spread before / after", "Round
 HEADERS += ["Command"]
 
 
-def subject(commit: str, folder: Path) -> str | None:
-    """The commit's subject line, or None outside a git checkout or for an unknown commit."""
+def _git(folder: Path, *args: str) -> str | None:
+    """git's output in `folder`, stripped; None outside a git checkout or when git fails."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(folder), "log", "-1", "--format=%s", commit, "--"],
-            capture_output=True,
-            text=True,
-            check=True,
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True
         )
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
 
 
+def subject(commit: str, folder: Path) -> str | None:
+    """The commit's subject line, or None outside a git checkout or for an unknown commit."""
+    return _git(folder, "log", "-1", "--format=%s", commit, "--")
+
+
+def reverted_by(commit: str, folder: Path) -> str | None:
+    """The commit in HEAD's history whose message says it reverts `commit` (`git revert`'s
+    "This reverts commit <full hash>."), abbreviated; None when the change is still in."""
+    full = _git(folder, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if full is None:
+        return None
+    found = _git(folder, "log", "--format=%h", "--fixed-strings", "--grep", full, "HEAD", "--")
+    return found.splitlines()[-1] if found else None
+
+
 def load(folder: Path = FOLDER) -> list[dict[str, Any]]:
-    """Every compare JSON in `folder`, oldest first, each with its `file` and `subject` added.
+    """Every compare JSON in `folder`, oldest first, each with its `file`, `subject` and
+    `reverted_by` added.
 
     A missing folder is no change measured yet; a file that is not JSON raises, naming it.
     """
@@ -53,6 +67,7 @@ def load(folder: Path = FOLDER) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: not a bench.serving.compare JSON file: {error}") from error
         commit = change.get("after", {}).get("commit")
         change |= {"file": path.name, "subject": commit and subject(commit, folder)}
+        change["reverted_by"] = commit and reverted_by(commit, folder)
         found.append(change)
     # "%Y-%m-%d %H:%M:%S %Z": the first 19 characters sort as times; the file name breaks ties
     return sorted(found, key=lambda c: (str(c.get("date", ""))[:19], c["file"]))
@@ -91,7 +106,9 @@ def _change(c: dict[str, Any]) -> str:
     if after.get("uncommitted_changes"):  # the commit is only where the change started from
         return f"`{after['commit']}` + uncommitted changes"
     subject = c.get("subject")
-    return f"`{after['commit']}` {headline(subject)}" if subject else f"`{after['commit']}`"
+    named = f"`{after['commit']}` {headline(subject)}" if subject else f"`{after['commit']}`"
+    reverted = c.get("reverted_by")
+    return f"{named}; **reverted** in `{reverted}`" if reverted else named
 
 
 def _before_after(figure: dict[str, Any], ratio: bool = True) -> str:
@@ -137,7 +154,9 @@ def section(changes: list[dict[str, Any]]) -> list[str]:
         "Each row is one change measured by `bench.serving.compare`: runs of the tree before "
         "and after it, interleaved in alternating order on the same machine with the same "
         "client and models, medians over the rounds; a ratio inside the throughput spread of "
-        f"either side is noise. The files are in `{FOLDER}/`.",
+        "either side is noise. A row marked reverted was a change tried and dropped for what "
+        "it measured; a row naming flags measured a setting on one tree, with them against "
+        f"without. The files are in `{FOLDER}/`.",
         "",
         table(HEADERS, [_row(c) for c in changes]),
         "",

@@ -517,8 +517,21 @@ def test_changes_load_sorted_by_date_with_their_commit_subjects(tmp_path: Path) 
     found = changes.load(folder)
     assert [c["file"] for c in found] == ["b-early.json", "c-middle.json", "a-late.json"]
     assert [c["subject"] for c in found] == ["runtime: faster", None, None]  # unknown commit
+    assert [c["reverted_by"] for c in found] == [None, None, None]
     assert found[0]["summary"]["images_per_s"]["after"] == 1150
     assert changes.load(tmp_path / "missing") == []
+    # a change tried and dropped: the revert's message names it, as `git revert` writes it
+    full = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    message = f"Revert: slower\n\nThis reverts commit {full.stdout.strip()}."
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], check=True)
+    revert = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert [c["reverted_by"] for c in changes.load(folder)] == [revert.stdout.strip(), None, None]
+
+
+def test_a_reverted_change_says_so_beside_its_subject() -> None:
+    change = compared("2026-01-02 10:00:00 UTC", "bbb") | {"reverted_by": "ccc"}
+    text = report.render(synthetic() | {"changes": [change]})
+    assert "| `bbb` batcher: run small batches inline; **reverted** in `ccc` |" in text
 
 
 def test_the_report_is_written_again_from_the_json_and_the_changes(tmp_path: Path) -> None:
