@@ -47,7 +47,8 @@ def reverted_by(commit: str, folder: Path) -> str | None:
     full = _git(folder, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
     if full is None:
         return None
-    found = _git(folder, "log", "--format=%h", "--fixed-strings", "--grep", full, "HEAD", "--")
+    says = f"This reverts commit {full}"
+    found = _git(folder, "log", "--format=%h", "--fixed-strings", "--grep", says, "HEAD", "--")
     return found.splitlines()[-1] if found else None
 
 

@@ -522,6 +522,9 @@ def test_changes_load_sorted_by_date_with_their_commit_subjects(tmp_path: Path) 
     assert changes.load(tmp_path / "missing") == []
     # a change tried and dropped: the revert's message names it, as `git revert` writes it
     full = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    quoted = f"results: measured {full.stdout.strip()}"  # naming it is not reverting it
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", quoted], check=True)
+    assert [c["reverted_by"] for c in changes.load(folder)] == [None, None, None]
     message = f"Revert: slower\n\nThis reverts commit {full.stdout.strip()}."
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], check=True)
     revert = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
