@@ -107,7 +107,8 @@ bench-quick: setup
 # there as serving-cuda-<its commit>.json; `make bench-report` (or the next `make bench`)
 # renders docs/BENCHMARKS.md from both runs' JSON, the GPU figures in a section of their own
 # after the CPU ones, with a table of every GPU run kept. Where the tree was copied without its
-# own git history, `CNNSERVE_REVISION=<commit>` names the commit the run measured. About 4 minutes on 16 cores (see bench/serving).
+# own git history, `CNNSERVE_REVISION=<commit>` names the commit the run measured. About 4
+# minutes on 16 cores (see bench/serving).
 GPU_BENCH_ARGS ?= --systems raw,native,oip,naive,floor --repeats 1 --seconds 1 --no-family
 bench-gpu: setup
 	$(BIN)/python -m bench.serving --device cuda $(GPU_BENCH_ARGS)

@@ -211,21 +211,21 @@ class ModelRuntime:
             self.pad_batches_to(padded_sizes(max_batch_size))
         for size in self.padded_sizes or sorted({1, max(1, max_batch_size)}):
             self._session_for(size).run(self.output_names, {self.input_name: self._zeros(size)})
-        self.batch_seconds = {
-            size: self._median_seconds(self._session_for(size), size) for size in TIMED_SIZES
-        }
-        if self._sized:  # a timed size over the limit ran on the largest size's session
-            self.session.run(self.output_names, {self.input_name: self._zeros(max(self._sized))})
+        # timed the way a batch is served: on CUDA, padded or in chunks, each on its own size
+        self.batch_seconds = {size: self._median_seconds(self._run, size) for size in TIMED_SIZES}
         if self._twin is None:
             return
         path, options = self._twin
         if self.batch_seconds[1] > options.threads() * loop_budget_s:
             return
-        self.single = make_session(path, options, 1, [CPU])
+        self.single = single = make_session(path, options, 1, [CPU])
         # only small batches ever run on it, and its memory arena grows only to what it
         # sees: warming it at the largest batch would double the memory for nothing
         self.single_seconds = {
-            size: self._median_seconds(self.single, size) for size in TIMED_SIZES
+            size: self._median_seconds(
+                lambda batch, outputs: single.run(list(outputs), {self.input_name: batch}), size
+            )
+            for size in TIMED_SIZES
         }
 
     def pad_batches_to(self, sizes: tuple[int, ...]) -> None:
@@ -243,11 +243,13 @@ class ModelRuntime:
             return
         self.single_images = images
 
-    def _median_seconds(self, session: ort.InferenceSession, size: int) -> float:
+    def _median_seconds(
+        self, run: Callable[[np.ndarray, Sequence[str]], object], size: int
+    ) -> float:
         batch, times = self._zeros(size), []
         for _ in range(WARM_UP_TIMINGS):
             started = time.perf_counter()
-            session.run(self.output_names, {self.input_name: batch})
+            run(batch, self.output_names)
             times.append(time.perf_counter() - started)
         return sorted(times)[len(times) // 2]
 

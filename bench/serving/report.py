@@ -344,10 +344,10 @@ def load(path: Path | None) -> dict[str, Any] | None:
     figures if that file is there too."""
     if path is None or not path.is_file():
         return None
-    kept = [_read(other) for other in sorted(path.parent.glob("serving-cuda*.json"))]
+    kept = {other: _read(other) for other in path.parent.glob("serving-cuda*.json")}
     shapes = path.parent / SHAPES_FILE
-    return _read(path) | {
-        "history": sorted(kept, key=lambda run: run["date"]),
+    return (kept.get(path) or _read(path)) | {
+        "history": sorted(kept.values(), key=lambda run: run["date"]),
         "shapes": json.loads(shapes.read_text()) if shapes.is_file() else None,
     }
 
